@@ -1,0 +1,24 @@
+"""Offline FedPEFT on this machine: the shared PCam subset and ViT-Ti/4 backbone, 32 px.
+
+  python launch.py --config=experiments/pcam_vit_ti4.py:bias --workdir=/tmp/pcam_bias
+
+Paths are relative to the repository root, where ../shared sits beside the checkout.
+"""
+from fedpeft_jax import configs
+
+
+def get_config(method: str = 'bias'):
+  c = configs.base_config(method)
+  c.model.name = 'vit_ti4'
+  c.model.checkpoint = '../shared/backbones/vit_ti4_cifar10.npz'
+  c.model.image_size = 32
+  c.model.dtype = 'float32'  # CPUs run bfloat16 matmuls slower than float32.
+  c.data.source = 'folder'
+  c.data.path = '../shared/data/pcam32_jpeg.tar.gz'
+  c.data.num_classes = 2
+  c.data.partition = 'iid'
+  c.fl.rounds = 20
+  c.fl.local_epochs = 1
+  c.fl.batch_size = 32
+  c.fl.eval_every = 2
+  return c

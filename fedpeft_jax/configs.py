@@ -1,0 +1,73 @@
+"""Defaults shared by every experiment config; each `experiments/*.py` overrides them."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from fedpeft_jax import peft
+
+# Client learning rates of the paper's configs (LoRA is not in the paper).
+LEARNING_RATES = {'full': 1e-3, 'head': 5e-3, 'bias': 1e-2, 'adapter': 5e-3,
+                  'prompt': 1e-2, 'lora': 5e-3}
+
+
+def learning_rate(method: str) -> float:
+  """A composed method (e.g. 'bias+lora') takes the smallest rate of its parts."""
+  return min(LEARNING_RATES[p] for p in peft.parse_method(method))
+
+
+def base_config(method: str = 'bias') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vit_b16'
+  c.model.checkpoint = ''  # '' trains from random initialisation.
+  c.model.image_size = 224
+  c.model.dtype = 'bfloat16'  # Compute dtype; parameters stay float32.
+  c.model.representation_size = config_dict.placeholder(int)  # pre_logits, off.
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = method
+  c.peft.adapter_reduction = 8
+  c.peft.adapter_shared = True
+  c.peft.prompt_tokens = 10
+  c.peft.prompt_deep = True
+  c.peft.lora_rank = 8
+  c.peft.lora_alpha = 8.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'tfds'  # 'tfds', 'folder' or 'synthetic'.
+  c.data.name = 'cifar100'  # TFDS name.
+  c.data.path = ''  # Folder or archive for source='folder'.
+  c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default.
+  c.data.download = False  # Let TFDS download and prepare a missing dataset.
+  c.data.train_split = 'train'
+  c.data.test_split = 'test'
+  c.data.num_classes = 100
+  c.data.storage_size = config_dict.placeholder(int)  # Host-side resize; None: as stored.
+  c.data.num_train_examples = 2048  # source='synthetic' only.
+  c.data.num_test_examples = 512  # source='synthetic' only.
+  c.data.partition = 'dirichlet'  # 'iid' or 'dirichlet'.
+  c.data.alpha = 0.1
+  c.data.min_client_size = 10
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.num_clients = 64
+  c.fl.clients_per_round = 8
+  c.fl.rounds = 50
+  c.fl.local_epochs = 10
+  c.fl.batch_size = 64
+  c.fl.eval_every = 1
+  c.fl.client_chunk = 0  # Clients vmapped at once; 0: all of a round's clients.
+  c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = learning_rate(method)
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.weight_decay = 1e-4
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  return c

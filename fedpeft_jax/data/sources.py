@@ -1,0 +1,268 @@
+"""Image classification datasets loaded whole into memory as uint8 arrays.
+
+Federated simulation partitions one split across many clients by index, so
+every source returns the full split as numpy arrays rather than a stream.
+Sources: `folder` (a directory or tar archive of `<split>/<class>/*.jpg`, e.g.
+../shared/data/*.tar.gz), `tfds` (prepared TFDS data, read without TensorFlow
+through array_record) and `synthetic` (learnable noise images for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pathlib
+import tarfile
+import zlib
+
+import numpy as np
+import PIL.Image
+
+SOURCES = ('folder', 'tfds', 'synthetic')
+_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+_ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  images: np.ndarray  # uint8 [N, H, W, 3].
+  labels: np.ndarray  # int32 [N], ids into `class_names`.
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def __len__(self):
+    return len(self.labels)
+
+
+class DataError(ValueError):
+  """A data problem the user must fix; the message says what and how."""
+
+
+def load(source: str, *, name: str = '', path: str = '', split: str,
+         image_size: int | None = None, data_dir: str | None = None,
+         download: bool = False, num_classes: int | None = None,
+         num_examples: int | None = None, seed: int = 0) -> Dataset:
+  """Loads one split of `source` with images of `image_size` if given."""
+  if source == 'folder':
+    ds = _load_folder(path, split, image_size)
+  elif source == 'tfds':
+    ds = _load_tfds(name, split, image_size, data_dir, download)
+  elif source == 'synthetic':
+    return _synthetic(split, image_size, num_classes, num_examples, seed)
+  else:
+    raise DataError(f'Unknown data source {source!r}; use one of {SOURCES}.')
+  if num_classes is not None and ds.num_classes != num_classes:
+    # Labels beyond the model's head would silently train on garbage.
+    raise DataError(
+        f'{source} data {name or path!r} split {split!r} has {ds.num_classes} '
+        f'classes {ds.class_names}, but num_classes={num_classes} was asked '
+        'for; set num_classes to match the data or point at other data.')
+  return ds
+
+
+def _to_rgb_array(image: PIL.Image.Image, image_size: int | None) -> np.ndarray:
+  image = image.convert('RGB')
+  if image_size is not None and image.size != (image_size, image_size):
+    image = image.resize((image_size, image_size), PIL.Image.BICUBIC)
+  return np.asarray(image, dtype=np.uint8)
+
+
+def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray:
+  """Stacks equally sized images, naming an odd one out otherwise."""
+  for image, name in zip(images, names):
+    if image.shape != images[0].shape:
+      raise DataError(
+          f'Images in {where} differ in size: {names[0]} is '
+          f'{images[0].shape[:2]}, {name} is {image.shape[:2]}; set '
+          '`image_size` (--config.data.image_size) to resize them all.')
+  return np.stack(images)
+
+
+def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
+  """Reads `<split>/<class>/<image>`, optionally wrapped in one directory."""
+  if not path:
+    raise DataError("The folder source needs `path` (--config.data.path), a "
+                    'directory or .tar.gz archive of <split>/<class>/*.jpg.')
+  if not os.path.exists(path):
+    raise DataError(f'Data path {path!r} does not exist; fix '
+                    '--config.data.path (relative paths start at the cwd, '
+                    f'{os.getcwd()}).')
+  if os.path.isdir(path):
+    found, dirs = _scan_directory(path)
+  elif path.endswith(_ARCHIVE_SUFFIXES):
+    found, dirs = _scan_archive(path, split)
+  else:
+    raise DataError(f'Data path {path!r} is neither a directory nor a '
+                    f'{"/".join(_ARCHIVE_SUFFIXES)} archive.')
+
+  # One wrapping directory iff every image sits one level deeper below it.
+  root = ()
+  if found and len({p[0] for p, _ in found}) == 1 and all(
+      len(p) == 4 for p, _ in found):
+    root = found[0][0][:1]
+  found = [(p[len(root):], data) for p, data in found if len(p) == 3 + len(root)]
+  where = '/'.join((path,) + root)
+  if root + (split,) not in dirs:
+    splits = sorted(d[-1] for d in dirs if d[:-1] == root)
+    raise DataError(f'Split directory {split!r} not found in {where!r}; the '
+                    f'splits there are {splits or "none"}. Expected layout: '
+                    '[<top>/]<split>/<class>/*.jpg|*.jpeg|*.png.')
+  found = sorted((e for e in found if e[0][0] == split), key=lambda e: e[0])
+  if not found:
+    raise DataError(f'No .jpg/.jpeg/.png images in {where}/{split}/<class>/; '
+                    'put each class\'s images in a subdirectory of the split.')
+  class_names = tuple(sorted(d[-1] for d in dirs if d[:-1] == root + (split,)))
+  label_of = {c: i for i, c in enumerate(class_names)}
+  images, names = [], []
+  for parts, data in found:
+    names.append('/'.join(parts))
+    try:
+      with PIL.Image.open(io.BytesIO(data())) as image:
+        images.append(_to_rgb_array(image, image_size))
+    except (OSError, SyntaxError, ValueError) as e:
+      raise DataError(f'Cannot decode image {where}/{names[-1]} ({e}); '
+                      'replace or delete the file.') from e
+  labels = np.asarray([label_of[p[1]] for p, _ in found], np.int32)
+  return Dataset(_stack(images, names, f'{path!r} split {split!r}'), labels,
+                 class_names)
+
+
+def _is_image(parts: tuple[str, ...]) -> bool:
+  return len(parts) in (3, 4) and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
+
+
+def _scan_directory(path: str):
+  """Returns the candidate images as (parts, reader) and all directories."""
+  found, dirs = [], set()
+  base = pathlib.Path(path)
+  for file in base.rglob('*'):
+    parts = file.relative_to(base).parts
+    if file.is_dir():
+      dirs.add(parts)
+    elif _is_image(parts):
+      found.append((parts, file.read_bytes))
+  return found, dirs
+
+
+def _scan_archive(path: str, split: str):
+  """Streams the archive once, keeping only bytes of images in `split`.
+
+  Members are read sequentially (no seeking back in a gzip stream, nothing
+  extracted to disk); images of other splits are listed but not kept.
+  """
+  found, dirs = [], set()
+  try:
+    with tarfile.open(path) as tar:
+      for member in tar:
+        parts = pathlib.PurePosixPath(member.name).parts
+        parts = parts[1:] if parts[:1] == ('.',) else parts
+        # Archives need not list directories: each member implies its parents.
+        dirs.update(parts[:i] for i in range(1, len(parts)))
+        if member.isdir():
+          dirs.add(parts)
+        elif member.isfile() and _is_image(parts):
+          data = tar.extractfile(member).read() if parts[-3] == split else b''
+          found.append((parts, lambda data=data: data))
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise DataError(f'Cannot read archive {path!r} ({e}); re-create or '
+                    're-download it.') from e
+  return found, dirs
+
+
+def _load_tfds(name: str, split: str, image_size: int | None,
+               data_dir: str | None, download: bool) -> Dataset:
+  """Reads prepared TFDS data; downloads only when explicitly asked to.
+
+  Implicit downloads hang for minutes on machines without internet, so an
+  unprepared dataset is an error unless `download` is set.
+  """
+  if not name:
+    raise DataError("The tfds source needs `name` (--config.data.name), e.g. "
+                    "'cifar100'.")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f'Unknown TFDS dataset {name!r} (no such builder, nor '
+                    f'prepared data under data_dir {data_dir!r}); check '
+                    '--config.data.name against tfds.list_builders().') from e
+  root = data_dir or tfds.core.constants.get_default_data_dir()
+  if not builder.is_prepared():
+    if not download:
+      raise DataError(
+          f'TFDS dataset {name!r} is not prepared in data_dir {root!r} '
+          f'(looked for {builder.data_dir}). Either run `tfds build {name} '
+          f'--data_dir={root} --file_format=array_record` on a machine with '
+          'internet and copy the result here, set '
+          '--config.data.download=True, or point --config.data.data_dir at '
+          'prepared data.')
+    # array_record, unlike the default tfrecord, is readable without TF.
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    builder.download_and_prepare()
+  features = builder.info.features
+  if not {'image', 'label'} <= set(features.keys()):
+    raise DataError(f'TFDS dataset {name!r} has features {list(features)}; '
+                    "only datasets with 'image' and 'label' are supported.")
+
+  formats = builder.info.available_file_formats()
+  if formats & tfds.core.file_adapters.FileFormat.with_random_access():
+    try:
+      source = builder.as_data_source(split=split)
+    except ValueError as e:  # A bad split string.
+      raise DataError(f'Bad split {split!r} for TFDS dataset {name!r} ({e}); '
+                      f'its splits are {sorted(builder.info.splits)}.') from e
+    examples = (source.__getitems__(range(i, min(i + 1024, len(source))))
+                for i in range(0, len(source), 1024))
+    examples = (e for chunk in examples for e in chunk)
+  else:
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise DataError(
+          f'TFDS dataset {name!r} in {builder.data_dir} is stored as '
+          f'{sorted(f.value for f in formats)}, which needs TensorFlow to read: '
+          'pip install tensorflow-cpu, or rebuild it with `tfds build '
+          f'{name} --data_dir={root} --file_format=array_record`.') from e
+    examples = tfds.as_numpy(builder.as_dataset(split=split))
+
+  images, labels = [], []
+  for example in examples:
+    image = example['image']
+    if image.shape[-1] == 1:  # Grayscale, e.g. MNIST.
+      image = image[..., 0]
+    images.append(_to_rgb_array(PIL.Image.fromarray(image), image_size))
+    labels.append(example['label'])
+  if not images:
+    raise DataError(f'Split {split!r} of TFDS dataset {name!r} is empty.')
+  class_names = tuple(features['label'].names)
+  return Dataset(_stack(images, [f'example {i}' for i in range(len(images))],
+                        f'TFDS {name!r} split {split!r}'),
+                 np.asarray(labels, np.int32), class_names)
+
+
+def _synthetic(split: str, image_size: int | None, num_classes: int | None,
+               num_examples: int | None, seed: int) -> Dataset:
+  """Class templates plus noise: learnable, yet needing no files.
+
+  Templates depend on `seed` only, so every split shares the same classes;
+  the noise and labels also depend on `split`, so splits differ.
+  """
+  for arg, value in (('num_classes', num_classes), ('image_size', image_size),
+                     ('num_examples', num_examples)):
+    if value is None or value < 1:
+      raise DataError(f'The synthetic source needs a positive {arg} '
+                      f'(--config.data.{arg}); got {value}.')
+  shape = (image_size, image_size, 3)
+  templates = np.random.default_rng(seed).uniform(
+      0, 255, (num_classes,) + shape).astype(np.float32)
+  # crc32, unlike hash(), is the same in every process.
+  rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+  labels = rng.permutation(np.arange(num_examples) % num_classes)
+  noise = 48 * rng.standard_normal((num_examples,) + shape, np.float32)
+  images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+  return Dataset(images, labels.astype(np.int32),
+                 tuple(str(i) for i in range(num_classes)))

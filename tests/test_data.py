@@ -1,0 +1,324 @@
+"""Tests of fedpeft_jax.data: image sources and client partitions."""
+import io
+import pathlib
+import tarfile
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from fedpeft_jax.data import partition
+from fedpeft_jax.data import sources
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
+PCAM = SHARED / 'data' / 'pcam32_jpeg.tar.gz'
+
+
+def _jpeg(color, size=8) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.new('RGB', (size, size), color).save(buffer, format='JPEG', quality=95)
+  return buffer.getvalue()
+
+
+# Distinct colors per class, so labels can be checked against pixels.
+COLORS = {'cat': (200, 30, 30), 'ant': (30, 200, 30), 'bee': (30, 30, 200)}
+
+
+def _make_tree(root: pathlib.Path, splits=('train', 'test'), size=8):
+  for split in splits:
+    for name, color in COLORS.items():
+      (root / split / name).mkdir(parents=True)
+      for i in range(3):
+        (root / split / name / f'{i}.jpg').write_bytes(_jpeg(color, size))
+  return root
+
+
+def _assert_colors_match_labels(ds):
+  for image, label in zip(ds.images, ds.labels):
+    expected = COLORS[ds.class_names[label]]
+    np.testing.assert_allclose(image.mean(axis=(0, 1)), expected, atol=8)
+
+
+# Folder source: the real PCam archive.
+
+
+@pytest.fixture(scope='module')
+def pcam_test():
+  if not PCAM.exists():
+    pytest.skip(f'{PCAM} not found (shared data lives next to the checkout).')
+  return sources.load('folder', path=str(PCAM), split='test')
+
+
+def test_pcam_archive(pcam_test):
+  ds = pcam_test
+  assert ds.images.shape == (3000, 32, 32, 3)
+  assert ds.images.dtype == np.uint8 and ds.labels.dtype == np.int32
+  assert ds.class_names == ('0', '1') and ds.num_classes == 2 and len(ds) == 3000
+  assert set(ds.labels.tolist()) == {0, 1}
+  # Real images, not blank decodes.
+  assert ds.images.std() > 10
+
+
+def test_pcam_missing_split_lists_existing(pcam_test):
+  del pcam_test  # Skips together with it when the archive is absent.
+  with pytest.raises(sources.DataError, match=r"'validation'.*test.*train.*valid"):
+    sources.load('folder', path=str(PCAM), split='validation')
+
+
+# Folder source: small trees made here.
+
+
+def test_directory_labels_follow_sorted_class_names(tmp_path):
+  ds = sources.load('folder', path=str(_make_tree(tmp_path)), split='test')
+  assert ds.class_names == ('ant', 'bee', 'cat')
+  assert ds.images.shape == (9, 8, 8, 3)
+  assert np.bincount(ds.labels).tolist() == [3, 3, 3]
+  _assert_colors_match_labels(ds)
+
+
+def test_archive_with_top_level_directory(tmp_path):
+  tree = _make_tree(tmp_path / 'tree')
+  archive = tmp_path / 'data.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tree, arcname='wrapper')
+  ds = sources.load('folder', path=str(archive), split='train', num_classes=3)
+  assert ds.class_names == ('ant', 'bee', 'cat') and len(ds) == 9
+  _assert_colors_match_labels(ds)
+
+
+def test_resize_to_image_size(tmp_path):
+  root = _make_tree(tmp_path)
+  (root / 'test' / 'ant' / 'big.png').write_bytes(_jpeg(COLORS['ant'], size=20))
+  with pytest.raises(sources.DataError, match='image_size'):
+    sources.load('folder', path=str(root), split='test')
+  ds = sources.load('folder', path=str(root), split='test', image_size=16)
+  assert ds.images.shape == (10, 16, 16, 3)
+  _assert_colors_match_labels(ds)
+
+
+def test_corrupt_image_named(tmp_path):
+  root = _make_tree(tmp_path)
+  (root / 'test' / 'bee' / 'broken.jpg').write_bytes(_jpeg((1, 2, 3))[:200])
+  with pytest.raises(sources.DataError, match='bee/broken.jpg'):
+    sources.load('folder', path=str(root), split='test')
+
+
+def test_corrupt_image_in_archive_named(tmp_path):
+  archive = tmp_path / 'data.tar'
+  with tarfile.open(archive, 'w') as tar:
+    for name, data in (('ok.jpg', _jpeg((9, 9, 9))), ('junk.jpg', b'not a jpeg')):
+      info = tarfile.TarInfo(f'train/a/{name}')
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  with pytest.raises(sources.DataError, match='train/a/junk.jpg'):
+    sources.load('folder', path=str(archive), split='train')
+
+
+def test_folder_errors(tmp_path):
+  root = _make_tree(tmp_path / 'tree', splits=('train',))
+  with pytest.raises(sources.DataError, match=r"'val'.*\['train'\]"):
+    sources.load('folder', path=str(root), split='val')
+  with pytest.raises(sources.DataError, match='num_classes=5'):
+    sources.load('folder', path=str(root), split='train', num_classes=5)
+  missing = tmp_path / 'nowhere.tar.gz'
+  with pytest.raises(sources.DataError, match='nowhere.tar.gz.*does not exist'):
+    sources.load('folder', path=str(missing), split='train')
+  (root / 'empty' / 'a').mkdir(parents=True)
+  with pytest.raises(sources.DataError, match='No .*images'):
+    sources.load('folder', path=str(root), split='empty')
+
+
+def test_unknown_source():
+  with pytest.raises(sources.DataError, match="'hf'.*folder.*tfds.*synthetic"):
+    sources.load('hf', split='train')
+
+
+# Synthetic source.
+
+
+def test_synthetic_deterministic_and_learnable():
+  make = lambda split, seed=0: sources.load(
+      'synthetic', split=split, num_classes=4, num_examples=200, image_size=8,
+      seed=seed)
+  train, again, test = make('train'), make('train'), make('test')
+  np.testing.assert_array_equal(train.images, again.images)
+  np.testing.assert_array_equal(train.labels, again.labels)
+  assert train.images.dtype == np.uint8 and train.images.shape == (200, 8, 8, 3)
+  assert not np.array_equal(train.images, test.images)
+  assert not np.array_equal(train.images, make('train', seed=1).images)
+  assert np.bincount(train.labels).tolist() == [50] * 4
+  # Class means differ, and a nearest-mean classifier fit on train transfers
+  # to test: templates are shared across splits.
+  flat = lambda ds: ds.images.reshape(len(ds), -1).astype(np.float32)
+  means = np.stack([flat(train)[train.labels == c].mean(0) for c in range(4)])
+  assert min(np.linalg.norm(means[i] - means[j])
+             for i in range(4) for j in range(i)) > 500
+  dist = ((flat(test)[:, None] - means[None]) ** 2).sum(-1)
+  assert (dist.argmin(1) == test.labels).mean() > 0.95
+
+
+def test_synthetic_needs_sizes():
+  with pytest.raises(sources.DataError, match='num_examples'):
+    sources.load('synthetic', split='train', num_classes=2, image_size=8)
+
+
+# TFDS source.
+
+
+def test_tfds_not_prepared_fails_fast(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(sources.DataError) as error:
+    sources.load('tfds', name='mnist', split='train', data_dir=str(tmp_path))
+  assert time.monotonic() - start < 20
+  message = str(error.value)
+  assert 'mnist' in message and str(tmp_path) in message
+  assert 'tfds build' in message and 'download' in message
+
+
+class FedpeftTinyImages(tfds.core.GeneratorBasedBuilder):
+  """20 constant 8x8 gray images, value = 10 * index, label = index parity."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    # Not dataset_info_from_configs: that reads metadata files next to this one.
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 1)),  # Gray, like MNIST.
+        'label': tfds.features.ClassLabel(names=['even', 'odd'])}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(20):
+      # PIL images: encoding numpy arrays would need TensorFlow.
+      image = PIL.Image.new('L', (8, 8), 10 * i)
+      yield i, {'image': image, 'label': i % 2}
+
+
+@pytest.fixture(scope='module')
+def tiny_tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('fedpeft_tiny_images', data_dir=data_dir,
+               file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+def test_tfds_reads_prepared_array_record(tiny_tfds_dir):
+  ds = sources.load('tfds', name='fedpeft_tiny_images', split='train',
+                    data_dir=tiny_tfds_dir, image_size=4, num_classes=2)
+  assert ds.class_names == ('even', 'odd')
+  assert ds.images.shape == (20, 4, 4, 3) and ds.images.dtype == np.uint8
+  assert (ds.images == ds.images[:, :1, :1, :1]).all()  # Constant gray.
+  index = ds.images[:, 0, 0, 0].astype(int) // 10
+  assert sorted(index.tolist()) == list(range(20))
+  np.testing.assert_array_equal(ds.labels, index % 2)
+  half = sources.load('tfds', name='fedpeft_tiny_images', split='train[:50%]',
+                      data_dir=tiny_tfds_dir)
+  assert half.images.shape == (10, 8, 8, 3)
+  with pytest.raises(sources.DataError, match="'validation'.*train"):
+    sources.load('tfds', name='fedpeft_tiny_images', split='validation',
+                 data_dir=tiny_tfds_dir)
+
+
+def test_tfds_download_only_when_asked(tmp_path):
+  load = lambda **kw: sources.load('tfds', name='fedpeft_tiny_images',
+                                   split='train', data_dir=str(tmp_path), **kw)
+  with pytest.raises(sources.DataError, match='not prepared'):
+    load()
+  assert len(load(download=True)) == 20
+  assert len(load()) == 20  # Prepared now.
+
+
+def test_tfds_unknown_name(tmp_path):
+  with pytest.raises(sources.DataError, match="'no_such_dataset_xyz'"):
+    sources.load('tfds', name='no_such_dataset_xyz', split='train',
+                 data_dir=str(tmp_path))
+
+
+def test_tfds_tfrecord_without_tensorflow(tiny_tfds_dir, monkeypatch):
+  try:
+    import tensorflow  # pylint: disable=unused-import
+    pytest.skip('TensorFlow is installed; this tests its absence.')
+  except ImportError:
+    pass
+  # Pretend no stored format allows random access, as for tfrecord-only data.
+  monkeypatch.setattr(tfds.core.file_adapters.FileFormat, 'with_random_access',
+                      classmethod(lambda cls: set()))
+  with pytest.raises(sources.DataError, match='tensorflow-cpu.*array_record'):
+    sources.load('tfds', name='fedpeft_tiny_images', split='train',
+                 data_dir=tiny_tfds_dir)
+
+
+# Partitions.
+
+
+def _labels(n=2000, num_classes=10, seed=0):
+  return np.random.default_rng(seed).integers(0, num_classes, n)
+
+
+def _assert_disjoint_cover(parts, n):
+  assert all(p.dtype == np.int64 for p in parts)
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+
+
+def test_iid():
+  parts = partition.iid(_labels(), num_clients=7, seed=0)
+  assert len(parts) == 7
+  _assert_disjoint_cover(parts, 2000)
+  assert {len(p) for p in parts} == {285, 286}
+
+
+@pytest.mark.parametrize('alpha', [0.1, 1.0, 100.0])
+def test_dirichlet_cover_and_min_size(alpha):
+  parts = partition.dirichlet(_labels(), num_clients=10, alpha=alpha, seed=0,
+                              min_size=20)
+  assert len(parts) == 10
+  _assert_disjoint_cover(parts, 2000)
+  assert min(len(p) for p in parts) >= 20
+
+
+@pytest.mark.parametrize('method', ['iid', 'dirichlet'])
+def test_partition_deterministic_by_seed(method):
+  run = lambda seed: partition.partition(_labels(), method=method,
+                                         num_clients=5, seed=seed)
+  for a, b in zip(run(3), run(3)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(run(3), run(4)))
+
+
+def _mean_label_entropy(labels, parts):
+  entropies = []
+  for p in parts:
+    freq = np.bincount(labels[p], minlength=10) / len(p)
+    freq = freq[freq > 0]
+    entropies.append(-(freq * np.log(freq)).sum())
+  return np.mean(entropies)
+
+
+def test_small_alpha_is_skewed():
+  labels = _labels()
+  split = lambda **kw: partition.partition(labels, num_clients=10, seed=0, **kw)
+  iid = _mean_label_entropy(labels, split(method='iid'))
+  skewed = _mean_label_entropy(labels, split(method='dirichlet', alpha=0.1))
+  mild = _mean_label_entropy(labels, split(method='dirichlet', alpha=100.0))
+  assert iid > np.log(10) - 0.05  # Near uniform.
+  assert skewed < iid - 0.5
+  assert skewed < mild
+
+
+def test_partition_errors():
+  labels = _labels(n=100)
+  with pytest.raises(ValueError, match='min_size=20'):
+    partition.dirichlet(labels, num_clients=10, alpha=0.5, seed=0, min_size=20)
+  # Feasible in count, but tiny alpha almost never gives every client 9.
+  with pytest.raises(ValueError, match='alpha=0.001'):
+    partition.dirichlet(labels, num_clients=10, alpha=0.001, seed=0, min_size=9)
+  with pytest.raises(ValueError, match='alpha must be > 0, got 0'):
+    partition.dirichlet(labels, num_clients=2, alpha=0, seed=0)
+  with pytest.raises(ValueError, match='num_clients must be >= 1, got 0'):
+    partition.iid(labels, num_clients=0, seed=0)
+  with pytest.raises(ValueError, match="'pathological'.*iid.*dirichlet"):
+    partition.partition(labels, method='pathological', num_clients=2, seed=0)

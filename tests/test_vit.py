@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from fedpeft_jax.model import vit
+from tests.conftest import TI4_CHECKPOINT, needs
+
+
+def _params(peft=vit.PeftModules(), size='vit_test', classes=3, image=16):
+  model = vit.VisionTransformer(vit.SIZES[size], classes, peft, dtype=jnp.float32)
+  x = jax.random.uniform(jax.random.key(1), (2, image, image, 3), minval=-1, maxval=1)
+  return model, model.init(jax.random.key(0), x)['params'], x
+
+
+@needs(TI4_CHECKPOINT)
+def test_tree_matches_official_checkpoint_layout():
+  model = vit.VisionTransformer(vit.SIZES['vit_ti4'], 10)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  flat = {k: v.shape for k, v in traverse_util.flatten_dict(shapes['params'], sep='/').items()}
+  with np.load(TI4_CHECKPOINT) as f:
+    ckpt = {k: f[k].shape for k in f.files}
+  assert flat == ckpt
+
+
+@pytest.mark.parametrize('peft', [
+    vit.PeftModules(adapter=True),
+    vit.PeftModules(adapter=True, adapter_shared=False),
+    vit.PeftModules(lora_rank=2),
+])
+def test_zero_initialised_additions_leave_the_backbone_function_unchanged(peft):
+  base_model, base_params, x = _params()
+  model, params, _ = _params(peft)
+  flat = traverse_util.flatten_dict(params)
+  for k, v in traverse_util.flatten_dict(base_params).items():
+    flat[k] = v
+  params = traverse_util.unflatten_dict(flat)
+  # Make the head non-zero so that the logits depend on the features.
+  params['head']['kernel'] = jax.random.normal(jax.random.key(2), params['head']['kernel'].shape)
+  base_params['head']['kernel'] = params['head']['kernel']
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             base_model.apply({'params': base_params}, x), atol=1e-5)
+  # ...and perturbing the additions does change it (the test can fail).
+  flat = traverse_util.flatten_dict(params)
+  for i, k in enumerate(flat):
+    if any(p.startswith(('adapter', 'lora')) for p in k):
+      # Random, not constant: LayerNorm hides a shift shared by all features.
+      flat[k] = flat[k] + jax.random.normal(jax.random.key(i), flat[k].shape)
+  moved = model.apply({'params': traverse_util.unflatten_dict(flat)}, x)
+  assert not np.allclose(moved, base_model.apply({'params': base_params}, x), atol=1e-3)
+
+
+def test_shared_adapter_is_one_module_per_block_adapter_is_many():
+  _, shared, _ = _params(vit.PeftModules(adapter=True))
+  _, per_block, _ = _params(vit.PeftModules(adapter=True, adapter_shared=False))
+  shared_keys = [k for k in traverse_util.flatten_dict(shared, sep='/') if 'adapter' in k]
+  block_keys = [k for k in traverse_util.flatten_dict(per_block, sep='/') if 'adapter' in k]
+  assert len(block_keys) == vit.SIZES['vit_test'].num_layers * len(shared_keys)
+  assert all(k.startswith('Transformer/adapter/') for k in shared_keys)
+
+
+@pytest.mark.parametrize('deep', [True, False])
+def test_prompts_are_used_at_the_configured_depth(deep):
+  model, params, x = _params(vit.PeftModules(prompt_tokens=3, prompt_deep=deep))
+  prompt = params['Transformer']['prompt']
+  layers = vit.SIZES['vit_test'].num_layers
+  assert prompt.shape == ((layers if deep else 1), 3, vit.SIZES['vit_test'].hidden_size)
+  params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
+  out = model.apply({'params': params}, x)
+  # Changing the last layer's prompts matters only for deep prompts.
+  params['Transformer']['prompt'] = prompt.at[-1].add(1.0)
+  changed = model.apply({'params': params}, x)
+  assert not np.allclose(out, changed)
+  assert out.dtype == jnp.float32
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = vit.VisionTransformer(vit.SIZES['vit_test'], 3)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  leaves = jax.tree.leaves(variables)
+  assert all(l.dtype == jnp.float32 for l in leaves)
+  assert model.dtype == jnp.bfloat16
