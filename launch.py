@@ -3,33 +3,52 @@ r"""Runs a FedPEFT experiment from an ml_collections config.
   python launch.py --config=experiments/pcam_vit_ti4.py:bias --workdir=/tmp/pcam
   python launch.py --config=experiments/cifar100_vit_b16.py:adapter --mode=masks \
       --workdir=/tmp/masks
-  python launch.py --config=experiments/pcam_vit_ti4.py:lora --workdir=/tmp/x \
-      --config.fl.rounds=5 --config.peft.lora_rank=4
+  python launch.py --config=experiments/pcam_vit_ti4.py:bias,dp=client --mode=privacy \
+      --workdir=/tmp/dp --config.dp.target_epsilon=8
+
+Bad config values, missing data and mismatched checkpoints end the run with one
+line naming the problem and exit status 2.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from fedpeft_jax import train
+from fedpeft_jax import validation
+from fedpeft_jax.data import sources
+from fedpeft_jax.model import checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file, optionally with an argument: path.py:method.',
-    lock_config=True)
+    'config', None, 'Experiment config file with an optional argument: '
+    'path.py:METHOD[,dp=client|sample].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'masks'],
-                          'train: run the experiment; masks: print and write the '
-                          'trainable parameters of every PEFT method (no data, no weights).')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'masks', 'privacy'],
+    'train: run the experiment; masks: trainable parameters of every PEFT method (no data, '
+    'no weights); privacy: the epsilon the configured run will deliver (trains nothing).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+USER_ERRORS = (validation.ConfigError, sources.DataError, checkpoint.CheckpointError,
+               ValueError)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  if _MODE.value == 'masks':
-    train.write_mask_report(config, _WORKDIR.value)
-  else:
-    train.train(config, _WORKDIR.value)
+  try:
+    validation.validate(config)
+    if _MODE.value == 'masks':
+      train.write_mask_report(config, _WORKDIR.value)
+    elif _MODE.value == 'privacy':
+      train.write_privacy_report(config, _WORKDIR.value)
+    else:
+      train.train(config, _WORKDIR.value)
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

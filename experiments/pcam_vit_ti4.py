@@ -17,8 +17,8 @@ def get_config(method: str = 'bias'):
   c.data.path = '../shared/data/pcam32_jpeg.tar.gz'
   c.data.num_classes = 2
   c.data.partition = 'iid'
-  c.fl.rounds = 20
+  c.fl.rounds = 10
   c.fl.local_epochs = 1
   c.fl.batch_size = 32
-  c.fl.eval_every = 2
+  c.fl.eval_every = 5
   return c

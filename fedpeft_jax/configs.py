@@ -16,7 +16,26 @@ def learning_rate(method: str) -> float:
   return min(LEARNING_RATES[p] for p in peft.parse_method(method))
 
 
-def base_config(method: str = 'bias') -> ml_collections.ConfigDict:
+DP_MODES = ('none', 'client', 'sample')
+
+
+def parse_arg(arg: str) -> tuple[str, str]:
+  """`'bias'` or `'bias,dp=client'` -> (method, dp mode)."""
+  method, *options = arg.split(',')
+  dp_mode = 'none'
+  for option in options:
+    key, _, value = option.partition('=')
+    if key != 'dp' or value not in DP_MODES:
+      raise ValueError(f'config argument {arg!r}: expected METHOD[,dp=MODE] with MODE in '
+                       f'{DP_MODES}, got {option!r}')
+    dp_mode = value
+  peft.parse_method(method)
+  return method, dp_mode
+
+
+def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
+  """Defaults for `arg` = METHOD[,dp=client|sample], e.g. 'bias+lora,dp=client'."""
+  method, dp_mode = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -61,6 +80,8 @@ def base_config(method: str = 'bias') -> ml_collections.ConfigDict:
   c.fl.eval_every = 1
   c.fl.client_chunk = 0  # Clients vmapped at once; 0: all of a round's clients.
   c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
+  c.fl.aggregation = 'weighted'  # By example count; 'uniform' for DP.
+  c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = learning_rate(method)
@@ -70,4 +91,24 @@ def base_config(method: str = 'bias') -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.mode = dp_mode  # 'none', 'client' (DP-FedAvg) or 'sample' (local DP-SGD).
+  c.dp.clip_norm = 1.0  # Of a client's update (client) or an example's gradient (sample).
+  c.dp.noise_multiplier = 1.0  # Noise stddev / clip_norm; ignored if target_epsilon is set.
+  c.dp.target_epsilon = config_dict.placeholder(float)  # Calibrate the noise to this.
+  c.dp.delta = 1e-5
+  c.dp.sampling = 'poisson'  # Client sampling under dp.mode=client: 'poisson' or 'fixed'.
+  c.dp.accountant = 'auto'  # 'auto' (PLD where supported, else RDP), 'rdp' or 'pld'.
+  c.dp.adaptive_clip = False  # Quantile-based clip norm (Andrew et al. 2021), client mode.
+  c.dp.target_quantile = 0.5
+  c.dp.clip_lr = 0.2
+  c.dp.clipped_count_stddev = config_dict.placeholder(float)  # None: expected clients / 20.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5  # Rounds between checkpoints; one is always written at the end.
+  c.checkpoint.keep = 2
+  c.checkpoint.force = False  # Resume even if the workdir was made with another config.
+  if dp_mode == 'client':
+    c.fl.aggregation = 'uniform'  # Example-count weights would break the DP bound.
   return c

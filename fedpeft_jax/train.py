@@ -1,6 +1,7 @@
 """The experiment loop: build model and data from a config, run rounds, log metrics."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,13 +16,16 @@ import optax
 from flax import traverse_util
 
 from fedpeft_jax import peft
+from fedpeft_jax import validation
 from fedpeft_jax.data import partition as partition_lib
 from fedpeft_jax.data import preprocess
 from fedpeft_jax.data import sources
+from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.model import checkpoint as checkpoint_lib
 from fedpeft_jax.model import vit
+from fedpeft_jax.privacy import accounting
 
 BYTES_PER_PARAM = 4  # Trainable parameters travel as float32.
 
@@ -136,14 +140,77 @@ def tree_sha256(tree) -> str:
   return digest.hexdigest()
 
 
-def build_algorithm(config, model, max_examples: int) -> fedavg.FederatedAlgorithm:
-  fl, o = config.fl, config.optim
+def privacy_spec(config, client_sizes=()) -> accounting.PrivacySpec | None:
+  """The run's privacy mechanism, its noise calibrated if a target epsilon is set."""
+  dp, fl = config.dp, config.fl
+  if dp.mode == 'none':
+    return None
+  spec = accounting.PrivacySpec(
+      mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=fl.rounds,
+      accountant=dp.accountant, sampling=dp.sampling, num_clients=fl.num_clients,
+      clients_per_round=fl.clients_per_round, client_sizes=tuple(client_sizes),
+      batch_size=fl.batch_size, local_epochs=fl.local_epochs)
+  if dp.target_epsilon is not None:
+    spec = dataclasses.replace(
+        spec, noise_multiplier=accounting.calibrate_noise(spec, dp.target_epsilon))
+  return spec
+
+
+def privacy_report(spec: accounting.PrivacySpec, rounds: int | None = None) -> dict:
+  return {'epsilon': accounting.epsilon(spec, rounds), 'delta': spec.delta,
+          'noise_multiplier': spec.noise_multiplier, 'sampling_rate': spec.sampling_rate,
+          'rounds': spec.rounds if rounds is None else rounds,
+          'accountant': accounting.accountant_name(spec), 'mode': spec.mode,
+          'sampling': spec.sampling if spec.mode == 'client' else 'without_replacement'}
+
+
+def build_algorithm(config, model, max_examples: int,
+                    privacy: accounting.PrivacySpec | None) -> fedavg.FederatedAlgorithm:
+  fl, o, dp = config.fl, config.optim, config.dp
+  aggregator = aggregators.weighted_mean(by_examples=fl.aggregation == 'weighted')
+  sample_dp, sampling = None, 'fixed'
+  if dp.mode == 'client':
+    sampling = dp.sampling
+    aggregator = aggregators.dp_fedavg(
+        clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
+        expected_clients=fl.clients_per_round, adaptive=dp.adaptive_clip,
+        target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
+        clipped_count_stddev=validation.clipped_count_stddev(config))
+  elif dp.mode == 'sample':
+    sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
   return fedavg.fedavg(
       make_loss_fn(model, config.model.image_size),
       client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
       num_epochs=fl.local_epochs, batch_size=fl.batch_size, max_examples=max_examples,
       clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
-      client_chunk=fl.client_chunk or None, server_optimizer=optax.sgd(fl.server_lr))
+      client_chunk=fl.client_chunk or None, sampling=sampling, dropout_prob=fl.dropout_prob,
+      aggregator=aggregator, server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp)
+
+
+def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
+  train_set = load_data(config, config.data.train_split)
+  client_indices = partition_lib.partition(
+      train_set.labels, method=config.data.partition, num_clients=config.fl.num_clients,
+      seed=config.seed, alpha=config.data.alpha, min_size=config.data.min_client_size)
+  return train_set, client_indices
+
+
+def write_privacy_report(config, workdir: str) -> dict:
+  """What epsilon the configured run will deliver, without training."""
+  sizes = ()
+  if config.dp.mode == 'sample':  # The guarantee depends on every client's size.
+    sizes = [len(ids) for ids in load_partition(config)[1]]
+  spec = privacy_spec(config, sizes)
+  if spec is None:
+    raise validation.ConfigError('dp.mode', config.dp.mode,
+                                 "--mode=privacy needs dp.mode='client' or 'sample'")
+  report = privacy_report(spec)
+  for key, value in report.items():
+    print(f'{key:>17}: {value}')
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'privacy.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  return report
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -152,11 +219,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   seed_rng = jax.random.key(config.seed)
   init_rng, run_rng = jax.random.split(seed_rng)
 
-  train_set = load_data(config, config.data.train_split)
+  train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split)
-  client_indices = partition_lib.partition(
-      train_set.labels, method=config.data.partition, num_clients=config.fl.num_clients,
-      seed=config.seed, alpha=config.data.alpha, min_size=config.data.min_client_size)
+  privacy = privacy_spec(config, [len(ids) for ids in client_indices])
   table = fedavg.ClientTable.from_partition(client_indices)
   dataset = {'image': jnp.asarray(train_set.images), 'label': jnp.asarray(train_set.labels)}
 
@@ -169,17 +234,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                config.peft.method, num_trainable, num_trainable + peft.count(frozen),
                table.num_clients, table.max_examples)
 
-  algorithm = build_algorithm(config, model, table.max_examples)
+  algorithm = build_algorithm(config, model, table.max_examples, privacy)
   round_fn = jax.jit(algorithm.apply, donate_argnums=0)
   evaluate, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
   test_images, test_labels = pad(test_set)
 
   state = algorithm.init(trainable, run_rng)
-  bytes_per_round = 2 * BYTES_PER_PARAM * num_trainable * config.fl.clients_per_round
-  history, start = [], time.time()
+  history, start, bytes_cumulative = [], time.time(), 0
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as log:
     for round_index in range(1, config.fl.rounds + 1):
       state, metrics = round_fn(state, frozen, dataset, table)
+      # The model goes down to every sampled client; updates come up from those reporting.
+      bytes_down = BYTES_PER_PARAM * num_trainable * int(metrics.num_sampled)
+      bytes_up = BYTES_PER_PARAM * num_trainable * int(metrics.num_reported)
+      bytes_cumulative += bytes_up + bytes_down
       if round_index % config.fl.eval_every and round_index != config.fl.rounds:
         continue
       accuracy = float(evaluate(state.trainable, frozen, test_images, test_labels))
@@ -187,16 +255,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       record = {
           'round': round_index, 'test_accuracy': accuracy,
           'train_loss': float(metrics.train_loss),
-          'clients': [int(c) for c in metrics.clients],
-          'bytes_up': bytes_per_round // 2, 'bytes_down': bytes_per_round // 2,
-          'bytes_cumulative': bytes_per_round * round_index,
-          'trainable_params': num_trainable,
+          'clients': [int(c) for c in metrics.clients if c >= 0],
+          'clients_reported': int(metrics.num_reported),
+          'clients_nonfinite': int(metrics.num_nonfinite),
+          'bytes_up': bytes_up, 'bytes_down': bytes_down,
+          'bytes_cumulative': bytes_cumulative, 'trainable_params': num_trainable,
           'trainable_sha256': tree_sha256(state.trainable), 'wall_s': elapsed}
+      if privacy is not None:
+        record.update(epsilon=accounting.epsilon(privacy, round_index),
+                      noise_multiplier=privacy.noise_multiplier,
+                      clip_norm=float(metrics.aggregator.get('clip_norm', config.dp.clip_norm)))
+        if 'clipped_fraction' in metrics.aggregator:
+          record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
       log.write(json.dumps(record) + '\n')
       log.flush()
       history.append(record)
       eta = elapsed / round_index * (config.fl.rounds - round_index)
+      epsilon = f'  eps {record["epsilon"]:.3g}' if privacy is not None else ''
       print(f'round {round_index:4d}/{config.fl.rounds}  acc {accuracy:.4f}  '
-            f'loss {record["train_loss"]:.4f}  sent {record["bytes_cumulative"] / 2**20:.2f} MB'
-            f'  eta {eta:.0f}s', flush=True)
+            f'loss {record["train_loss"]:.4f}  sent {bytes_cumulative / 2**20:.2f} MB'
+            f'{epsilon}  eta {eta:.0f}s', flush=True)
   return history

@@ -45,8 +45,8 @@ def test_vmapped_round_equals_a_per_client_loop():
   expected = trainable
   for _ in range(2):
     state, metrics = apply(state, frozen, dataset, table)
-    sampling_rng, clients_rng = fedavg.round_keys(rng, state.round - 1)
-    clients = np.asarray(fedavg.sample_clients(sampling_rng, len(parts), 4))
+    keys = fedavg.round_keys(rng, state.round - 1)
+    clients = np.asarray(fedavg.sample_clients(keys.sampling, len(parts), 4))
     np.testing.assert_array_equal(clients, metrics.clients)
     assert len(set(clients.tolist())) == 4
     deltas, weights = [], []
@@ -55,7 +55,7 @@ def test_vmapped_round_equals_a_per_client_loop():
       plain = jax.jit(client_lib.make_client_update(
           _loss_fn, optimizer, num_epochs=2, batch_size=4, max_examples=len(ids)))
       out = plain(expected, frozen, dataset, ids, len(ids),
-                  jax.random.fold_in(clients_rng, c))
+                  jax.random.fold_in(keys.clients, c))
       deltas.append(out.delta)
       weights.append(len(ids))
     weights = np.asarray(weights, np.float64) / sum(weights)
@@ -92,7 +92,7 @@ def test_each_epoch_visits_every_example_once():
 
 def test_sampling_is_deterministic_per_round_and_varies_across_rounds():
   rng = jax.random.key(0)
-  draw = lambda r: np.asarray(fedavg.sample_clients(fedavg.round_keys(rng, r)[0], 64, 8))
+  draw = lambda r: np.asarray(fedavg.sample_clients(fedavg.round_keys(rng, r).sampling, 64, 8))
   np.testing.assert_array_equal(draw(3), draw(3))
   assert not np.array_equal(draw(3), draw(4))
   assert len(set(draw(5).tolist())) == 8

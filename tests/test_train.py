@@ -9,7 +9,8 @@ from fedpeft_jax import train
 from tests.conftest import PCAM, REPO, TI4_CHECKPOINT, needs, tiny_config
 
 METRIC_KEYS = {'round', 'test_accuracy', 'train_loss', 'clients', 'bytes_up', 'bytes_down',
-               'bytes_cumulative', 'trainable_params', 'trainable_sha256', 'wall_s'}
+               'bytes_cumulative', 'trainable_params', 'trainable_sha256', 'wall_s',
+               'clients_reported', 'clients_nonfinite'}
 
 
 @pytest.mark.parametrize('method', ['bias', 'adapter', 'prompt', 'lora', 'full'])

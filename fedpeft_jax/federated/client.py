@@ -8,11 +8,13 @@ parameters and optimizer state untouched.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
 # loss_fn(trainable, frozen, batch, rng) -> per-example losses [batch_size].
@@ -25,26 +27,52 @@ class ClientOutput(NamedTuple):
   examples_seen: jax.Array  # Number of real (unpadded) examples processed.
 
 
-def epoch_batches(rng, num_examples, max_examples: int, batch_size: int):
-  """A shuffled order of one epoch, real examples first, cut into batches.
+class SampleDP(NamedTuple):
+  """Local DP-SGD: per-example clipping and Gaussian noise at every step."""
+  clip_norm: float
+  noise_multiplier: float
 
-  Returns positions [steps, batch_size] into the client's (padded) example list
-  and a validity mask of the same shape. Each position's sort key is drawn from
-  its own folded key, so the order of the real examples (and so the training)
-  does not depend on how much padding the client got.
-  """
-  steps = math.ceil(max_examples / batch_size)
+
+def _sort_keys(rng, max_examples: int, num_examples):
+  """Random sort keys, real examples first. Each position's key is folded from its
+  index, so the order of the real examples does not depend on the padding."""
   scores = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(
       jnp.arange(max_examples))
-  scores = jnp.where(jnp.arange(max_examples) < num_examples, scores, 2.0)
-  order = jnp.argsort(scores)
+  return jnp.where(jnp.arange(max_examples) < num_examples, scores, 2.0)
+
+
+def epoch_batches(rng, num_examples, max_examples: int, batch_size: int):
+  """A shuffled epoch cut into batches: positions [steps, batch_size] into the
+  client's padded example list, and their validity mask."""
+  steps = math.ceil(max_examples / batch_size)
+  order = jnp.argsort(_sort_keys(rng, max_examples, num_examples))
   order = jnp.pad(order, (0, steps * batch_size - max_examples))
   valid = jnp.arange(steps * batch_size) < num_examples
   return order.reshape(steps, batch_size), valid.reshape(steps, batch_size)
 
 
+def sampled_batches(rng, num_examples, max_examples: int, batch_size: int):
+  """An epoch's worth of steps, each a uniform draw of min(batch_size, n) of the
+  client's n examples without replacement: the sampling DP-SGD accounts for.
+  Steps past ceil(n / batch_size) are all padding."""
+  steps = math.ceil(max_examples / batch_size)
+  width = min(batch_size, max_examples)
+
+  def draw(step):
+    order = jnp.argsort(_sort_keys(jax.random.fold_in(rng, step), max_examples,
+                                   num_examples))[:width]
+    return jnp.pad(order, (0, batch_size - width))
+
+  positions = jax.vmap(draw)(jnp.arange(steps))
+  real_steps = (num_examples + batch_size - 1) // batch_size
+  valid = (jnp.arange(batch_size)[None] < jnp.minimum(num_examples, batch_size)) & (
+      jnp.arange(steps)[:, None] < real_steps)
+  return positions, valid
+
+
 def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                       num_epochs: int, batch_size: int, max_examples: int):
+                       num_epochs: int, batch_size: int, max_examples: int,
+                       sample_dp: Optional[SampleDP] = None):
   """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng)`.
 
   `dataset` is a pytree of arrays with a leading example axis shared by all
@@ -52,25 +80,40 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   `num_examples` are padding).
   """
 
-  def masked_mean_loss(trainable, frozen, batch, valid, rng):
-    losses = loss_fn(trainable, frozen, batch, rng)
-    total = jnp.sum(jnp.where(valid, losses, 0.0))
-    return total / jnp.maximum(valid.sum(), 1), total
+  def mean_grads(params, frozen, batch, valid, rng):
+    def masked_mean_loss(p):
+      losses = jnp.where(valid, loss_fn(p, frozen, batch, rng), 0.0)
+      return losses.sum() / jnp.maximum(valid.sum(), 1), losses.sum()
+    return jax.grad(masked_mean_loss, has_aux=True)(params)
 
-  grad_fn = jax.grad(masked_mean_loss, has_aux=True)
+  def private_grads(params, frozen, batch, valid, rng):
+    noise_rng, example_rng = jax.random.split(rng)
+
+    def example_loss(p, example, r):
+      return loss_fn(p, frozen, jax.tree.map(lambda x: x[None], example), r)[0]
+
+    losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
+        params, batch, jax.random.split(example_rng, batch_size))
+    clipped, _ = jax.vmap(mechanisms.clip, in_axes=(0, None))(grads, sample_dp.clip_norm)
+    mask = valid.astype(jnp.float32)
+    summed = jax.tree.map(lambda g: jnp.tensordot(mask, g, axes=1), clipped)
+    noised = mechanisms.add_noise(noise_rng, summed,
+                                  sample_dp.noise_multiplier * sample_dp.clip_norm)
+    # The fixed batch size, not the count of real examples, keeps the noise scale public.
+    return jax.tree.map(lambda g: g / batch_size, noised), jnp.sum(losses * mask)
+
+  grad_fn = private_grads if sample_dp else mean_grads
+  make_batches = sampled_batches if sample_dp else epoch_batches
 
   def client_update(trainable, frozen, dataset, example_ids, num_examples, rng):
     epoch_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(num_epochs))
     order_rngs, step_rngs = jax.vmap(jax.random.split, out_axes=1)(epoch_rngs)
-    positions, valid = jax.vmap(epoch_batches, in_axes=(0, None, None, None))(
+    positions, valid = jax.vmap(make_batches, in_axes=(0, None, None, None))(
         order_rngs, num_examples, max_examples, batch_size)
     steps_per_epoch = positions.shape[1]
     # Keys folded from (epoch, step): independent of the padded step count.
     step_rngs = jax.vmap(lambda r: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         r, jnp.arange(steps_per_epoch)))(step_rngs)
-    positions = positions.reshape(-1, batch_size)
-    valid = valid.reshape(-1, batch_size)
-    step_rngs = step_rngs.reshape(-1)
 
     def step(carry, inputs):
       params, opt_state, loss_sum = carry
@@ -87,7 +130,9 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       return (params, opt_state, loss_sum + batch_loss), None
 
     init = (trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32))
-    (trained, _, loss_sum), _ = jax.lax.scan(step, init, (positions, valid, step_rngs))
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    (trained, _, loss_sum), _ = jax.lax.scan(
+        step, init, (flat(positions), flat(valid), flat(step_rngs)))
     delta = jax.tree.map(jnp.subtract, trained, trainable)
     return ClientOutput(delta, loss_sum, valid.sum())
 

@@ -1,10 +1,12 @@
 """Federated averaging over the trainable pytree, one jitted function a round.
 
-The server samples clients, runs their local updates vmapped over the client
-axis (the frozen backbone and the dataset broadcast, not batched), averages
-their deltas weighted by example count and applies the average with a server
-optimizer (`optax.sgd(1.0)` is plain FedAvg). Clients run in chunks: vmap
-within a chunk, scan over chunks, so memory is bounded by the chunk size.
+Each round the server samples a cohort, drops the clients that fail to
+report, runs the others' local updates vmapped over the client axis (the
+frozen backbone and the dataset broadcast, not batched) and aggregates their
+deltas (weighted mean, or DP-FedAvg); a server optimizer applies the result
+(`optax.sgd(1.0)` is plain FedAvg). Clients run in chunks, vmap within a chunk
+and a loop over as many chunks as there are reporting clients, so memory is
+bounded by the chunk size and a cohort of any size reuses one compilation.
 """
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedpeft_jax.federated import aggregators as aggregators_lib
 from fedpeft_jax.federated import client as client_lib
 
 PyTree = Any
+SAMPLINGS = ('fixed', 'poisson')
 
 
 class ServerState(NamedTuple):
   trainable: PyTree
   opt_state: PyTree
+  aggregator_state: PyTree
   round: jax.Array  # Rounds completed so far.
   rng: jax.Array  # The run's key; every round's randomness is folded from it.
 
@@ -51,8 +56,13 @@ class ClientTable(NamedTuple):
 
 
 class RoundMetrics(NamedTuple):
-  clients: jax.Array  # int32 [clients_per_round], the sampled client ids.
+  clients: jax.Array  # int32 [cohort capacity]: sampled ids first, then -1.
+  reported: jax.Array  # bool [cohort capacity]: the sampled clients that reported.
+  num_sampled: jax.Array
+  num_reported: jax.Array  # Reported with a finite update: what was aggregated.
+  num_nonfinite: jax.Array  # Reported NaN or Inf and were left out.
   train_loss: jax.Array  # Mean per-example local training loss.
+  aggregator: dict
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -60,63 +70,119 @@ class FederatedAlgorithm(NamedTuple):
   apply: Callable[[ServerState, PyTree, PyTree, ClientTable], tuple[ServerState, RoundMetrics]]
 
 
+class RoundKeys(NamedTuple):
+  sampling: jax.Array
+  dropout: jax.Array
+  clients: jax.Array  # Parent of every client's key: fold in the client id.
+  aggregation: jax.Array
+
+
+def round_keys(rng, round_index) -> RoundKeys:
+  return RoundKeys(*jax.random.split(jax.random.fold_in(rng, round_index), 4))
+
+
 def sample_clients(rng, num_clients: int, clients_per_round: int):
   """Uniform sampling without replacement."""
   return jax.random.choice(rng, num_clients, (clients_per_round,), replace=False)
 
 
-def round_keys(rng, round_index):
-  """(sampling key, per-client parent key) of a round, folded from the run's key."""
-  sampling, clients = jax.random.split(jax.random.fold_in(rng, round_index))
-  return sampling, clients
+def sample_cohort(rng, sampling: str, num_clients: int, clients_per_round: int):
+  """Returns (client ids, sampled mask) of a fixed capacity.
+
+  'fixed': exactly `clients_per_round` without replacement. 'poisson': every
+  client independently with rate clients_per_round / num_clients; the capacity
+  is all clients, the sampled ones first.
+  """
+  if sampling == 'fixed':
+    return (sample_clients(rng, num_clients, clients_per_round),
+            jnp.ones(clients_per_round, bool))
+  sampled = jax.random.bernoulli(rng, clients_per_round / num_clients, (num_clients,))
+  order = jnp.argsort(~sampled, stable=True)
+  return order.astype(jnp.int32), sampled[order]
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransformation, *,
            num_epochs: int, batch_size: int, max_examples: int, clients_per_round: int,
-           num_clients: int, client_chunk: int | None = None,
-           server_optimizer: optax.GradientTransformation | None = None) -> FederatedAlgorithm:
+           num_clients: int, client_chunk: int | None = None, sampling: str = 'fixed',
+           dropout_prob: float = 0.0,
+           aggregator: aggregators_lib.Aggregator | None = None,
+           server_optimizer: optax.GradientTransformation | None = None,
+           sample_dp: client_lib.SampleDP | None = None) -> FederatedAlgorithm:
   """Builds FedAvg on `loss_fn(trainable, frozen, batch, rng) -> per-example losses`."""
+  if sampling not in SAMPLINGS:
+    raise ValueError(f'sampling={sampling!r}: allowed {SAMPLINGS}')
   chunk = client_chunk or clients_per_round
-  if clients_per_round % chunk:
-    raise ValueError(f'fl.client_chunk={chunk} must divide fl.clients_per_round='
-                     f'{clients_per_round}')
+  aggregator = aggregator or aggregators_lib.weighted_mean()
   server_optimizer = server_optimizer or optax.sgd(1.0)
   client_update = client_lib.make_client_update(
       loss_fn, client_optimizer, num_epochs=num_epochs, batch_size=batch_size,
-      max_examples=max_examples)
+      max_examples=max_examples, sample_dp=sample_dp)
   vmapped_update = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0))
+  contribute = jax.vmap(aggregator.contribute, in_axes=(0, 0, None))
 
   def init(trainable, rng):
-    return ServerState(trainable, server_optimizer.init(trainable),
+    return ServerState(trainable, server_optimizer.init(trainable), aggregator.init(),
                        jnp.zeros((), jnp.int32), rng)
 
   def apply(state: ServerState, frozen, dataset, table: ClientTable):
-    sampling_rng, clients_rng = round_keys(state.rng, state.round)
-    clients = sample_clients(sampling_rng, num_clients, clients_per_round)
-    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(clients_rng, clients)
-    ids, counts = table.example_ids[clients], table.num_examples[clients]
-    by_chunk = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+    keys = round_keys(state.rng, state.round)
+    clients, sampled = sample_cohort(keys.sampling, sampling, num_clients, clients_per_round)
+    dropped = jax.random.bernoulli(keys.dropout, dropout_prob, sampled.shape)
+    reported = sampled & ~dropped
+    # Reporting clients first; only they are trained.
+    order = jnp.argsort(~reported, stable=True)
+    num_reporting = reported.sum()
+    capacity = -(-clients.shape[0] // chunk) * chunk
+    ids = jnp.pad(clients[order], (0, capacity - clients.shape[0]))
 
-    def run_chunk(totals, chunk_inputs):
-      out = vmapped_update(state.trainable, frozen, dataset, *chunk_inputs)
-      weights = chunk_inputs[1].astype(jnp.float32)
-      weighted = jax.tree.map(
-          lambda d: jnp.tensordot(weights, d.astype(jnp.float32), axes=1), out.delta)
-      delta_sum, weight_sum, loss_sum, seen = totals
-      return (jax.tree.map(jnp.add, delta_sum, weighted), weight_sum + weights.sum(),
-              loss_sum + out.loss_sum.sum(), seen + out.examples_seen.sum()), None
+    def run_chunk(i, totals):
+      sums, count, nonfinite, loss_sum, seen = totals
+      chunk_ids = jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,))
+      in_cohort = i * chunk + jnp.arange(chunk) < num_reporting
+      counts = table.num_examples[chunk_ids]
+      rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(keys.clients, chunk_ids)
+      out = vmapped_update(state.trainable, frozen, dataset, table.example_ids[chunk_ids],
+                           counts, rngs)
+      finite = jax.vmap(_all_finite)(out.delta) & jnp.isfinite(out.loss_sum)
+      use = in_cohort & finite
+      contribution = contribute(out.delta, counts, state.aggregator_state)
+      # where, not multiply: a NaN times zero is still NaN.
+      masked_sum = lambda x, total: total + jnp.sum(
+          jnp.where(use.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0).astype(total.dtype), 0)
+      sums = jax.tree.map(masked_sum, contribution, sums)
+      return (sums, count + use.sum(), nonfinite + (in_cohort & ~finite).sum(),
+              loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
+              seen + jnp.where(use, out.examples_seen, 0).sum())
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
-    init_totals = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32))
-    (delta_sum, weight_sum, loss_sum, seen), _ = jax.lax.scan(
-        run_chunk, init_totals, (by_chunk(ids), by_chunk(counts), by_chunk(rngs)))
-    mean_delta = jax.tree.map(lambda d, p: (d / weight_sum).astype(p.dtype),
-                              delta_sum, state.trainable)
+    zero_contribution = jax.tree.map(
+        lambda x: jnp.zeros(x.shape[1:], jnp.float32),
+        jax.eval_shape(contribute, jax.tree.map(lambda x: x[None], state.trainable),
+                       jnp.ones(1, jnp.int32), state.aggregator_state))
+    zero = jnp.zeros((), jnp.int32)
+    totals = (zero_contribution, zero, zero, jnp.zeros(()), zero)
+    sums, count, nonfinite, loss_sum, seen = jax.lax.fori_loop(
+        0, (num_reporting + chunk - 1) // chunk, run_chunk, totals)
+
+    aggregate = aggregator.finalize(sums, count, state.aggregator_state, keys.aggregation)
+    mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), aggregate.mean_delta,
+                              state.trainable)
     # The server optimizer descends along the negative average update.
     updates, opt_state = server_optimizer.update(
         jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = RoundMetrics(clients, loss_sum / jnp.maximum(seen, 1))
-    return ServerState(trainable, opt_state, state.round + 1, state.rng), metrics
+    # A round where no client reported leaves the model and optimizer as they were.
+    keep_if_empty = lambda new, old: jnp.where(count > 0, new, old)
+    trainable = jax.tree.map(keep_if_empty, optax.apply_updates(state.trainable, updates),
+                             state.trainable)
+    opt_state = jax.tree.map(keep_if_empty, opt_state, state.opt_state)
+    metrics = RoundMetrics(
+        clients=jnp.where(sampled, clients, -1), reported=reported,
+        num_sampled=sampled.sum(), num_reported=count, num_nonfinite=nonfinite,
+        train_loss=loss_sum / jnp.maximum(seen, 1), aggregator=aggregate.metrics)
+    return ServerState(trainable, opt_state, aggregate.state, state.round + 1,
+                       state.rng), metrics
 
   return FederatedAlgorithm(init, apply)

@@ -1,0 +1,165 @@
+"""Checks every config value at launch, before any data or weights are loaded.
+
+Each problem is one `ConfigError` naming the key, the value and what is
+allowed, so a typo costs seconds instead of an hour of a preemptible TPU.
+"""
+from __future__ import annotations
+
+import os
+
+from fedpeft_jax import configs, peft
+from fedpeft_jax.data import partition, sources
+from fedpeft_jax.federated import fedavg
+from fedpeft_jax.model import vit
+from fedpeft_jax.privacy import accounting
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+AGGREGATIONS = ('weighted', 'uniform')
+
+
+class ConfigError(ValueError):
+  def __init__(self, key: str, value, allowed: str):
+    super().__init__(f'--config.{key}={value!r}: {allowed}')
+
+
+def _check(ok: bool, key: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(key, value, allowed)
+
+
+def _positive(config, *keys):
+  for key in keys:
+    value = _get(config, key)
+    _check(isinstance(value, (int, float)) and value > 0, key, value, 'must be > 0')
+
+
+def _get(config, key: str):
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
+def _one_of(config, key: str, allowed):
+  value = _get(config, key)
+  _check(value in allowed, key, value, f'must be one of {", ".join(map(str, allowed))}')
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first invalid value."""
+  _one_of(config, 'model.name', tuple(vit.SIZES))
+  size = vit.SIZES[config.model.name]
+  _positive(config, 'model.image_size')
+  _check(config.model.image_size % size.patch_size == 0, 'model.image_size',
+         config.model.image_size,
+         f'must be divisible by the patch size {size.patch_size} of {config.model.name}')
+  _one_of(config, 'model.dtype', DTYPES)
+  if config.model.checkpoint:
+    _check(os.path.isfile(config.model.checkpoint), 'model.checkpoint',
+           config.model.checkpoint, "no such file: give an official ViT .npz checkpoint, or '' "
+           'to start from random weights')
+  if config.model.representation_size is not None:
+    _positive(config, 'model.representation_size')
+
+  try:
+    parts = peft.parse_method(config.peft.method)
+  except ValueError:
+    raise ConfigError('peft.method', config.peft.method,
+                      f"must be one of {', '.join(peft.METHODS)} or a '+' composition "
+                      "such as 'bias+lora'") from None
+  if 'adapter' in parts:
+    _positive(config, 'peft.adapter_reduction')
+    _check(size.hidden_size % config.peft.adapter_reduction == 0, 'peft.adapter_reduction',
+           config.peft.adapter_reduction, f'must divide the hidden size {size.hidden_size}')
+  if 'prompt' in parts:
+    _positive(config, 'peft.prompt_tokens')
+  if 'lora' in parts:
+    _positive(config, 'peft.lora_rank', 'peft.lora_alpha')
+
+  _validate_data(config)
+  _validate_federation(config)
+  _validate_privacy(config)
+  _positive(config, 'checkpoint.every', 'checkpoint.keep', 'eval.batch_size')
+
+
+def _validate_data(config):
+  d = config.data
+  _one_of(config, 'data.source', sources.SOURCES)
+  _one_of(config, 'data.partition', partition.METHODS)
+  _positive(config, 'data.alpha')
+  _check(d.num_classes >= 2, 'data.num_classes', d.num_classes, 'must be >= 2')
+  _check(d.min_client_size >= 0, 'data.min_client_size', d.min_client_size, 'must be >= 0')
+  if d.storage_size is not None:
+    _positive(config, 'data.storage_size')
+  if d.source == 'folder':
+    _check(bool(d.path) and os.path.exists(d.path), 'data.path', d.path,
+           'no such folder or archive: give a directory or .tar.gz laid out as '
+           'split/class/*.jpg')
+  elif d.source == 'synthetic':
+    _positive(config, 'data.num_train_examples', 'data.num_test_examples')
+  else:
+    import tensorflow_datasets as tfds  # Slow to import: only for TFDS runs.
+    try:
+      tfds.builder_cls(d.name)
+    except Exception:  # tfds raises several types for unknown names.
+      raise ConfigError('data.name', d.name, 'is not a TFDS dataset name (e.g. cifar100, '
+                        'resisc45, patch_camelyon; see tfds.list_builders())') from None
+
+
+def _validate_federation(config):
+  fl = config.fl
+  _positive(config, 'fl.num_clients', 'fl.clients_per_round', 'fl.rounds', 'fl.local_epochs',
+            'fl.batch_size', 'fl.eval_every', 'fl.server_lr', 'optim.lr')
+  _check(fl.clients_per_round <= fl.num_clients, 'fl.clients_per_round',
+         fl.clients_per_round, f'must be <= fl.num_clients ({fl.num_clients})')
+  _check(fl.client_chunk >= 0, 'fl.client_chunk', fl.client_chunk,
+         'must be >= 0 (0: all clients of a round at once)')
+  _check(0 <= fl.dropout_prob < 1, 'fl.dropout_prob', fl.dropout_prob, 'must be in [0, 1)')
+  _one_of(config, 'fl.aggregation', AGGREGATIONS)
+  _check(0 <= config.optim.momentum < 1, 'optim.momentum', config.optim.momentum,
+         'must be in [0, 1)')
+  _check(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay,
+         'must be >= 0')
+
+
+def _validate_privacy(config):
+  dp = config.dp
+  _one_of(config, 'dp.mode', configs.DP_MODES)
+  if dp.mode == 'none':
+    return
+  _positive(config, 'dp.clip_norm')
+  _check(dp.noise_multiplier >= 0, 'dp.noise_multiplier', dp.noise_multiplier, 'must be >= 0')
+  _check(0 < dp.delta < 1, 'dp.delta', dp.delta, 'must be in (0, 1)')
+  _one_of(config, 'dp.accountant', accounting.ACCOUNTANTS)
+  if dp.target_epsilon is not None:
+    _positive(config, 'dp.target_epsilon')
+  if dp.mode == 'client':
+    _one_of(config, 'dp.sampling', fedavg.SAMPLINGS)
+    _check(config.fl.aggregation == 'uniform', 'fl.aggregation', config.fl.aggregation,
+           "must be 'uniform' with dp.mode='client': weighting by example count lets one "
+           'client move the average by more than its clip norm')
+    if dp.accountant == 'pld':
+      _check(dp.sampling == 'poisson', 'dp.accountant', dp.accountant,
+             "PLD supports Poisson sampling only: use 'rdp' or 'auto' with dp.sampling='fixed'")
+    if dp.adaptive_clip:
+      _check(0 < dp.target_quantile < 1, 'dp.target_quantile', dp.target_quantile,
+             'must be in (0, 1)')
+      _positive(config, 'dp.clip_lr')
+      if dp.target_epsilon is None and dp.noise_multiplier > 0:
+        stddev = clipped_count_stddev(config)
+        minimum = 1 / (2 * dp.noise_multiplier)
+        _check(stddev > minimum, 'dp.clipped_count_stddev', stddev,
+               f'must exceed 1 / (2 * dp.noise_multiplier) = {minimum:.4g}')
+  else:
+    _check(dp.accountant != 'pld', 'dp.accountant', dp.accountant,
+           "PLD does not support the without-replacement batches of dp.mode='sample': "
+           "use 'rdp' or 'auto'")
+    _check(not dp.adaptive_clip, 'dp.adaptive_clip', dp.adaptive_clip,
+           "adaptive clipping is for dp.mode='client' only")
+
+
+def clipped_count_stddev(config) -> float:
+  """Andrew et al.'s default: the expected number of clients / 20."""
+  if config.dp.clipped_count_stddev is not None:
+    return config.dp.clipped_count_stddev
+  return config.fl.clients_per_round / 20
+
