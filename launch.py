@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fedpeft_jax import resume
 from fedpeft_jax import train
 from fedpeft_jax import validation
 from fedpeft_jax.data import sources
@@ -31,7 +32,7 @@ _MODE = flags.DEFINE_enum(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERRORS = (validation.ConfigError, sources.DataError, checkpoint.CheckpointError,
-               ValueError)
+               resume.ResumeError, ValueError)
 
 
 def main(argv):
@@ -49,6 +50,9 @@ def main(argv):
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except train.TrainingError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from fedpeft_jax import peft
+from fedpeft_jax import resume
 from fedpeft_jax import validation
 from fedpeft_jax.data import partition as partition_lib
 from fedpeft_jax.data import preprocess
@@ -213,11 +214,14 @@ def write_privacy_report(config, workdir: str) -> dict:
   return report
 
 
+class TrainingError(RuntimeError):
+  """The run cannot go on; the last good checkpoint is intact."""
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Runs `config.fl.rounds` rounds; returns the evaluated rounds' metrics."""
+  """Runs (or resumes) `config.fl.rounds` rounds; returns the evaluated rounds' metrics."""
   os.makedirs(workdir, exist_ok=True)
-  seed_rng = jax.random.key(config.seed)
-  init_rng, run_rng = jax.random.split(seed_rng)
+  init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
 
   train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split)
@@ -240,39 +244,68 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   test_images, test_labels = pad(test_set)
 
   state = algorithm.init(trainable, run_rng)
-  history, start, bytes_cumulative = [], time.time(), 0
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as log:
-    for round_index in range(1, config.fl.rounds + 1):
+  history, bytes_cumulative, wall_offset = [], 0, 0.0
+  checkpointer = resume.RunCheckpointer(workdir, config.checkpoint.keep)
+  restored = checkpointer.restore(state, config, config.checkpoint.force)
+  if restored is not None:
+    state, meta = restored
+    history, bytes_cumulative, wall_offset = (meta['history'], meta['bytes_cumulative'],
+                                              meta['wall_s'])
+    print(f'resuming from round {int(state.round)} of {workdir}', flush=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  # Rounds logged after the last checkpoint are run again: drop their lines.
+  with open(metrics_path, 'w') as log:
+    log.writelines(json.dumps(r) + '\n' for r in history)
+
+  def save():
+    checkpointer.save(state, {'history': history, 'bytes_cumulative': bytes_cumulative,
+                              'wall_s': wall_offset + time.time() - start}, config)
+
+  start, first_round = time.time(), int(state.round) + 1
+  with open(metrics_path, 'a') as log:
+    for round_index in range(first_round, config.fl.rounds + 1):
       state, metrics = round_fn(state, frozen, dataset, table)
+      if int(metrics.num_reported) == 0:
+        if int(metrics.num_nonfinite):
+          raise TrainingError(
+              f'round {round_index}: every reporting client ({int(metrics.num_nonfinite)}) '
+              'sent a NaN or Inf update; the last good checkpoint in '
+              f'{workdir}/checkpoints is intact. Lower --config.optim.lr or check the data')
+        print(f'round {round_index}: no sampled client reported '
+              f'({int(metrics.num_sampled)} sampled); the model is unchanged', flush=True)
       # The model goes down to every sampled client; updates come up from those reporting.
       bytes_down = BYTES_PER_PARAM * num_trainable * int(metrics.num_sampled)
       bytes_up = BYTES_PER_PARAM * num_trainable * int(metrics.num_reported)
       bytes_cumulative += bytes_up + bytes_down
-      if round_index % config.fl.eval_every and round_index != config.fl.rounds:
-        continue
-      accuracy = float(evaluate(state.trainable, frozen, test_images, test_labels))
-      elapsed = time.time() - start
-      record = {
-          'round': round_index, 'test_accuracy': accuracy,
-          'train_loss': float(metrics.train_loss),
-          'clients': [int(c) for c in metrics.clients if c >= 0],
-          'clients_reported': int(metrics.num_reported),
-          'clients_nonfinite': int(metrics.num_nonfinite),
-          'bytes_up': bytes_up, 'bytes_down': bytes_down,
-          'bytes_cumulative': bytes_cumulative, 'trainable_params': num_trainable,
-          'trainable_sha256': tree_sha256(state.trainable), 'wall_s': elapsed}
-      if privacy is not None:
-        record.update(epsilon=accounting.epsilon(privacy, round_index),
-                      noise_multiplier=privacy.noise_multiplier,
-                      clip_norm=float(metrics.aggregator.get('clip_norm', config.dp.clip_norm)))
-        if 'clipped_fraction' in metrics.aggregator:
-          record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
-      log.write(json.dumps(record) + '\n')
-      log.flush()
-      history.append(record)
-      eta = elapsed / round_index * (config.fl.rounds - round_index)
-      epsilon = f'  eps {record["epsilon"]:.3g}' if privacy is not None else ''
-      print(f'round {round_index:4d}/{config.fl.rounds}  acc {accuracy:.4f}  '
-            f'loss {record["train_loss"]:.4f}  sent {bytes_cumulative / 2**20:.2f} MB'
-            f'{epsilon}  eta {eta:.0f}s', flush=True)
+      last = round_index == config.fl.rounds
+      if round_index % config.fl.eval_every == 0 or last:
+        accuracy = float(evaluate(state.trainable, frozen, test_images, test_labels))
+        elapsed = wall_offset + time.time() - start
+        record = {
+            'round': round_index, 'test_accuracy': accuracy,
+            'train_loss': float(metrics.train_loss),
+            'clients': [int(c) for c in metrics.clients if c >= 0],
+            'clients_reported': int(metrics.num_reported),
+            'clients_nonfinite': int(metrics.num_nonfinite),
+            'bytes_up': bytes_up, 'bytes_down': bytes_down,
+            'bytes_cumulative': bytes_cumulative, 'trainable_params': num_trainable,
+            'trainable_sha256': tree_sha256(state.trainable), 'wall_s': elapsed}
+        if privacy is not None:
+          record.update(epsilon=accounting.epsilon(privacy, round_index),
+                        noise_multiplier=privacy.noise_multiplier,
+                        clip_norm=float(metrics.aggregator.get('clip_norm',
+                                                               config.dp.clip_norm)))
+          if 'clipped_fraction' in metrics.aggregator:
+            record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+        log.write(json.dumps(record) + '\n')
+        log.flush()
+        history.append(record)
+        rate = (time.time() - start) / (round_index - first_round + 1)
+        epsilon = f'  eps {record["epsilon"]:.3g}' if privacy is not None else ''
+        print(f'round {round_index:4d}/{config.fl.rounds}  acc {accuracy:.4f}  '
+              f'loss {record["train_loss"]:.4f}  sent {bytes_cumulative / 2**20:.2f} MB'
+              f'{epsilon}  eta {rate * (config.fl.rounds - round_index):.0f}s', flush=True)
+      if round_index % config.checkpoint.every == 0 or last:
+        save()
+  resume.export_trainable(os.path.join(workdir, 'trainable.npz'), state.trainable)
   return history
