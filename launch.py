@@ -40,10 +40,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   try:
-    validation.validate(config)
-    if _MODE.value == 'masks':
+    mode = _MODE.value
+    validation.validate(
+        config, needs_weights=mode == 'train',
+        needs_data=mode == 'train' or (mode == 'privacy' and config.dp.mode == 'sample'))
+    if mode == 'masks':
       train.write_mask_report(config, _WORKDIR.value)
-    elif _MODE.value == 'privacy':
+    elif mode == 'privacy':
       train.write_privacy_report(config, _WORKDIR.value)
     else:
       train.train(config, _WORKDIR.value)

@@ -44,8 +44,11 @@ def _one_of(config, key: str, allowed):
   _check(value in allowed, key, value, f'must be one of {", ".join(map(str, allowed))}')
 
 
-def validate(config) -> None:
-  """Raises ConfigError for the first invalid value."""
+def validate(config, *, needs_weights: bool = True, needs_data: bool = True) -> None:
+  """Raises ConfigError for the first invalid value.
+
+  `--mode=masks` needs neither weights nor data, so their paths are not checked.
+  """
   _one_of(config, 'model.name', tuple(vit.SIZES))
   size = vit.SIZES[config.model.name]
   _positive(config, 'model.image_size')
@@ -53,7 +56,7 @@ def validate(config) -> None:
          config.model.image_size,
          f'must be divisible by the patch size {size.patch_size} of {config.model.name}')
   _one_of(config, 'model.dtype', DTYPES)
-  if config.model.checkpoint:
+  if config.model.checkpoint and needs_weights:
     _check(os.path.isfile(config.model.checkpoint), 'model.checkpoint',
            config.model.checkpoint, "no such file: give an official ViT .npz checkpoint, or '' "
            'to start from random weights')
@@ -75,13 +78,13 @@ def validate(config) -> None:
   if 'lora' in parts:
     _positive(config, 'peft.lora_rank', 'peft.lora_alpha')
 
-  _validate_data(config)
+  _validate_data(config, needs_data)
   _validate_federation(config)
   _validate_privacy(config)
   _positive(config, 'checkpoint.every', 'checkpoint.keep', 'eval.batch_size')
 
 
-def _validate_data(config):
+def _validate_data(config, needs_data: bool):
   d = config.data
   _one_of(config, 'data.source', sources.SOURCES)
   _one_of(config, 'data.partition', partition.METHODS)
@@ -90,6 +93,8 @@ def _validate_data(config):
   _check(d.min_client_size >= 0, 'data.min_client_size', d.min_client_size, 'must be >= 0')
   if d.storage_size is not None:
     _positive(config, 'data.storage_size')
+  if not needs_data:
+    return
   if d.source == 'folder':
     _check(bool(d.path) and os.path.exists(d.path), 'data.path', d.path,
            'no such folder or archive: give a directory or .tar.gz laid out as '
