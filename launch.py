@@ -11,6 +11,7 @@ line naming the problem and exit status 2.
 """
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -29,6 +30,9 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'masks', 'privacy'],
     'train: run the experiment; masks: trainable parameters of every PEFT method (no data, '
     'no weights); privacy: the epsilon the configured run will deliver (trains nothing).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Multi-host (TPU pod slice, multi-node GPU): call '
+    'jax.distributed.initialize() first; run the same command on every host.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERRORS = (validation.ConfigError, sources.DataError, checkpoint.CheckpointError,
@@ -39,6 +43,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   try:
     mode = _MODE.value
     validation.validate(

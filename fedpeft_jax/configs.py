@@ -45,6 +45,7 @@ def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters stay float32.
   c.model.representation_size = config_dict.placeholder(int)  # pre_logits, off.
+  c.model.frozen_dtype = ''  # e.g. 'bfloat16': store the frozen backbone so; '': as params.
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = method
@@ -54,6 +55,7 @@ def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
   c.peft.prompt_deep = True
   c.peft.lora_rank = 8
   c.peft.lora_alpha = 8.0
+  c.peft.cache_head_features = True  # method='head': train on backbone features computed once.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # 'tfds', 'folder' or 'synthetic'.
@@ -82,6 +84,7 @@ def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
   c.fl.aggregation = 'weighted'  # By example count; 'uniform' for DP.
   c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.
+  c.fl.shard_clients = True  # Spread each chunk of clients over all devices.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = learning_rate(method)

@@ -103,6 +103,25 @@ def make_loss_fn(model, image_size: int):
   return loss_fn
 
 
+def head_features(model, frozen, images: np.ndarray, image_size: int, batch_size: int):
+  """The frozen backbone's output for every example, computed once.
+
+  Head tuning never changes the backbone, so caching its features turns each
+  local step into a linear layer. The cost: no per-step augmentation.
+  """
+  featurize = jax.jit(lambda x: model.clone(features_only=True).apply(
+      {'params': frozen}, preprocess.eval_images(x, image_size)))
+  return jnp.concatenate([featurize(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
+
+def head_loss_fn(trainable, frozen, batch, rng):
+  """The classifier head on cached features (see `head_features`)."""
+  head = trainable['head']
+  logits = batch['feature'] @ head['kernel'] + head['bias']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+
+
 def make_evaluate(model, image_size: int, batch_size: int):
   """A jitted `evaluate(trainable, frozen, images, labels) -> accuracy`.
 
@@ -165,8 +184,15 @@ def privacy_report(spec: accounting.PrivacySpec, rounds: int | None = None) -> d
           'sampling': spec.sampling if spec.mode == 'client' else 'without_replacement'}
 
 
-def build_algorithm(config, model, max_examples: int,
-                    privacy: accounting.PrivacySpec | None) -> fedavg.FederatedAlgorithm:
+def client_mesh(config) -> jax.sharding.Mesh | None:
+  """All devices (of all hosts) along one 'clients' axis, if there is more than one."""
+  if not config.fl.shard_clients or jax.device_count() == 1:
+    return None
+  return jax.sharding.Mesh(np.array(jax.devices()), ('clients',))
+
+
+def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
+                    loss_fn=None, client_chunk: int | None = None) -> fedavg.FederatedAlgorithm:
   fl, o, dp = config.fl, config.optim, config.dp
   aggregator = aggregators.weighted_mean(by_examples=fl.aggregation == 'weighted')
   sample_dp, sampling = None, 'fixed'
@@ -180,12 +206,13 @@ def build_algorithm(config, model, max_examples: int,
   elif dp.mode == 'sample':
     sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
   return fedavg.fedavg(
-      make_loss_fn(model, config.model.image_size),
+      loss_fn or make_loss_fn(model, config.model.image_size),
       client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
       num_epochs=fl.local_epochs, batch_size=fl.batch_size, max_examples=max_examples,
       clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
-      client_chunk=fl.client_chunk or None, sampling=sampling, dropout_prob=fl.dropout_prob,
-      aggregator=aggregator, server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp)
+      client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling, dropout_prob=fl.dropout_prob,
+      aggregator=aggregator, server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
+      mesh=client_mesh(config))
 
 
 def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
@@ -218,6 +245,30 @@ class TrainingError(RuntimeError):
   """The run cannot go on; the last good checkpoint is intact."""
 
 
+def auto_client_chunk(config, build, state, args) -> int | None:
+  """fl.client_chunk=0 on an accelerator: as many clients at once as memory allows.
+
+  Compiles the round with one client in flight and reads XLA's memory analysis:
+  its temporaries bound one client's activations, gradients and optimizer state.
+  Hosts without memory statistics (CPUs) run every client at once.
+  """
+  stats = jax.local_devices()[0].memory_stats()
+  if config.fl.client_chunk or not stats or 'bytes_limit' not in stats:
+    return None
+  mesh = client_mesh(config)
+  devices = mesh.size if mesh is not None else 1
+  analysis = jax.jit(build(devices).apply).lower(state, *args).compile().memory_analysis()
+  per_client = analysis.temp_size_in_bytes / devices
+  capacity = (config.fl.num_clients if config.dp.mode == 'client' and
+              config.dp.sampling == 'poisson' else config.fl.clients_per_round)
+  available = 0.8 * (stats['bytes_limit'] - analysis.argument_size_in_bytes)
+  chunk = fedavg.chunk_for_memory(capacity, int(per_client), int(available * devices),
+                                  devices)
+  logging.info('fl.client_chunk=0: %d clients at once (%.2f GiB each, %.1f GiB free)',
+               chunk, per_client / 2**30, available / 2**30)
+  return chunk
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) `config.fl.rounds` rounds; returns the evaluated rounds' metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -238,12 +289,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                config.peft.method, num_trainable, num_trainable + peft.count(frozen),
                table.num_clients, table.max_examples)
 
-  algorithm = build_algorithm(config, model, table.max_examples, privacy)
+  if config.model.frozen_dtype:  # Halves backbone memory and traffic to the MXU/tensor cores.
+    frozen = jax.tree.map(lambda x: x.astype(config.model.frozen_dtype), frozen)
+  loss_fn = None
+  if config.peft.method == 'head' and config.peft.cache_head_features:
+    dataset = {'feature': head_features(model, frozen, train_set.images,
+                                        config.model.image_size, config.eval.batch_size),
+               'label': dataset['label']}
+    loss_fn = head_loss_fn
+  build = lambda chunk: build_algorithm(config, model, table.max_examples, privacy, loss_fn,
+                                       chunk)
+  algorithm = build(None)
+  state = algorithm.init(trainable, run_rng)
+  chunk = auto_client_chunk(config, build, state, (frozen, dataset, table))
+  if chunk:
+    algorithm = build(chunk)
   round_fn = jax.jit(algorithm.apply, donate_argnums=0)
   evaluate, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
   test_images, test_labels = pad(test_set)
 
-  state = algorithm.init(trainable, run_rng)
   history, bytes_cumulative, wall_offset = [], 0, 0.0
   checkpointer = resume.RunCheckpointer(workdir, config.checkpoint.keep)
   restored = checkpointer.restore(state, config, config.checkpoint.force)

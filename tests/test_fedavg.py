@@ -96,3 +96,13 @@ def test_sampling_is_deterministic_per_round_and_varies_across_rounds():
   np.testing.assert_array_equal(draw(3), draw(3))
   assert not np.array_equal(draw(3), draw(4))
   assert len(set(draw(5).tolist())) == 8
+
+
+def test_chunk_for_memory_picks_the_largest_fitting_divisor():
+  assert fedavg.chunk_for_memory(64, 10, 1000) == 64
+  assert fedavg.chunk_for_memory(64, 10, 250) == 16  # 25 fit; 16 is the largest divisor.
+  assert fedavg.chunk_for_memory(64, 10, 250, multiple=8) == 16
+  assert fedavg.chunk_for_memory(24, 10, 200, multiple=8) == 8
+  import pytest
+  with pytest.raises(ValueError, match='GiB'):
+    fedavg.chunk_for_memory(8, 10, 5)

@@ -13,7 +13,7 @@ METRIC_KEYS = {'round', 'test_accuracy', 'train_loss', 'clients', 'bytes_up', 'b
                'clients_reported', 'clients_nonfinite'}
 
 
-@pytest.mark.parametrize('method', ['bias', 'adapter', 'prompt', 'lora', 'full'])
+@pytest.mark.parametrize('method', ['head', 'bias', 'adapter', 'prompt', 'lora', 'full'])
 def test_synthetic_run_learns_and_logs(tmp_path, method):
   config = tiny_config(method)
   config.fl.rounds = 4
@@ -61,3 +61,25 @@ def test_offline_pcam_config_runs_through_launch(tmp_path):
   # one round on 2 clients must already move it.
   assert record['test_accuracy'] > 0.55, record
   assert record['trainable_params'] == 26_114
+
+
+def test_cached_head_features_give_the_full_model_loss():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from fedpeft_jax import peft
+  from fedpeft_jax.data import preprocess
+  config = tiny_config('head')
+  model = train.build_model(config)
+  params = train.init_params(config, model, jax.random.key(0))
+  params['head']['kernel'] = jax.random.normal(jax.random.key(1),
+                                               params['head']['kernel'].shape)
+  trainable, frozen = peft.split(params, peft.labels('head', params))
+  images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+  labels = jnp.arange(10) % 4
+  features = train.head_features(model, frozen, images, 16, batch_size=4)
+  cached = train.head_loss_fn(trainable, frozen, {'feature': features, 'label': labels}, None)
+  logits = model.apply({'params': params}, preprocess.eval_images(images, 16))
+  direct = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)

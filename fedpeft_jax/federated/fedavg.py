@@ -101,6 +101,20 @@ def sample_cohort(rng, sampling: str, num_clients: int, clients_per_round: int):
   return order.astype(jnp.int32), sampled[order]
 
 
+def chunk_for_memory(clients_per_round: int, per_client_bytes: int, available_bytes: int,
+                     multiple: int = 1) -> int:
+  """The largest chunk of clients (a divisor of `clients_per_round` and a multiple of
+  `multiple`, the device count) whose working memory fits in `available_bytes`."""
+  fitting = [c for c in range(multiple, clients_per_round + 1, multiple)
+             if clients_per_round % c == 0 and c * per_client_bytes <= available_bytes]
+  if not fitting:
+    raise ValueError(
+        f'one chunk of {multiple} client(s) needs {multiple * per_client_bytes / 2**30:.1f} '
+        f'GiB but {available_bytes / 2**30:.1f} GiB are free: lower fl.batch_size or use '
+        'a PEFT method')
+  return max(fitting)
+
+
 def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -111,11 +125,24 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
            dropout_prob: float = 0.0,
            aggregator: aggregators_lib.Aggregator | None = None,
            server_optimizer: optax.GradientTransformation | None = None,
-           sample_dp: client_lib.SampleDP | None = None) -> FederatedAlgorithm:
-  """Builds FedAvg on `loss_fn(trainable, frozen, batch, rng) -> per-example losses`."""
+           sample_dp: client_lib.SampleDP | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> FederatedAlgorithm:
+  """Builds FedAvg on `loss_fn(trainable, frozen, batch, rng) -> per-example losses`.
+
+  With a `mesh` whose one axis is 'clients', each chunk's clients are spread
+  over its devices; everything else (the frozen backbone, the dataset, the
+  global trainable parameters) is replicated, and the sums over clients become
+  all-reduces.
+  """
   if sampling not in SAMPLINGS:
     raise ValueError(f'sampling={sampling!r}: allowed {SAMPLINGS}')
   chunk = client_chunk or clients_per_round
+  if mesh is not None and chunk % mesh.size:
+    raise ValueError(f'fl.client_chunk={chunk} (0 means fl.clients_per_round) must be a '
+                     f'multiple of the {mesh.size} devices the clients are sharded over')
+  by_client = (lambda x: x) if mesh is None else (
+      lambda x: jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('clients'))))
   aggregator = aggregator or aggregators_lib.weighted_mean()
   server_optimizer = server_optimizer or optax.sgd(1.0)
   client_update = client_lib.make_client_update(
@@ -141,7 +168,7 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
 
     def run_chunk(i, totals):
       sums, count, nonfinite, loss_sum, seen = totals
-      chunk_ids = jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,))
+      chunk_ids = by_client(jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,)))
       in_cohort = i * chunk + jnp.arange(chunk) < num_reporting
       counts = table.num_examples[chunk_ids]
       rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(keys.clients, chunk_ids)

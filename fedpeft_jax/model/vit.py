@@ -197,6 +197,7 @@ class VisionTransformer(nn.Module):
   num_classes: int
   peft: PeftModules = PeftModules()
   representation_size: Optional[int] = None  # `pre_logits` of the original i21k files.
+  features_only: bool = False  # Return the representation the head reads.
   dtype: Dtype = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
 
@@ -217,6 +218,8 @@ class VisionTransformer(nn.Module):
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, name='pre_logits')(x))
+    if self.features_only:
+      return x.astype(jnp.float32)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                       dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return logits.astype(jnp.float32)
