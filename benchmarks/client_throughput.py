@@ -36,12 +36,14 @@ from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.model import vit
 
-IMPLS = ('vmap', 'loop')
+IMPLS = ('vmap', 'loop', 'cached_head')
 
 _MODEL = flags.DEFINE_enum('model', 'vit_test', list(vit.SIZES), 'Backbone size.')
 _METHOD = flags.DEFINE_list(
     'method', ['bias'], "PEFT method(s) to sweep, e.g. 'bias,lora,full' or 'bias+lora'.")
-_IMPL = flags.DEFINE_list('impl', list(IMPLS), f'Round implementation(s) among {IMPLS}.')
+_IMPL = flags.DEFINE_list('impl', ['vmap', 'loop'],
+                          f'Round implementation(s) among {IMPLS}; cached_head runs for '
+                          'method head only.')
 _CLIENTS = flags.DEFINE_integer('clients', 8, 'Clients per round.', lower_bound=1)
 _BATCH = flags.DEFINE_integer('batch', 16, 'Local batch size.', lower_bound=1)
 _STEPS = flags.DEFINE_integer('steps', 4, 'Local steps per client and round.',
@@ -107,6 +109,41 @@ def time_rounds(run_round, carry, rounds: int) -> tuple[float, list[float]]:
   return times[0], times[1:]
 
 
+def vmap_round(loss_fn, optimizer, trainable, frozen, dataset, table, batch, rng):
+  """The library's round: all clients vmapped in one jitted call."""
+  clients = table.num_clients
+  algorithm = fedavg.fedavg(loss_fn, optimizer, num_epochs=1, batch_size=batch,
+                            max_examples=table.max_examples, clients_per_round=clients,
+                            num_clients=clients)
+  round_fn = jax.jit(algorithm.apply, donate_argnums=0)
+  run_round = lambda state: round_fn(state, frozen, dataset, table)[0]
+  return run_round, algorithm.init(trainable, rng)
+
+
+def loop_round(loss_fn, optimizer, trainable, frozen, dataset, table, batch, rng):
+  """A sequential simulator's round: one jitted client update called per client."""
+  clients = table.num_clients
+  update = jax.jit(client_lib.make_client_update(
+      loss_fn, optimizer, num_epochs=1, batch_size=batch, max_examples=table.max_examples))
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+  # Equal client sizes: the example-weighted mean of FedAvg is the plain mean.
+  apply_mean = jax.jit(lambda params, total: jax.tree.map(
+      lambda p, d: p + d / clients, params, total))
+  client_ids, client_counts = list(table.example_ids), list(table.num_examples)
+
+  def run_round(carry):
+    params, rng = carry
+    rng, round_rng = jax.random.split(rng)
+    total = None
+    for ids, count, client_rng in zip(client_ids, client_counts,
+                                      jax.random.split(round_rng, clients)):
+      delta = update(params, frozen, dataset, ids, count, client_rng).delta
+      total = delta if total is None else add(total, delta)
+    return apply_mean(params, total), rng
+
+  return run_round, (trainable, rng)
+
+
 def measure(method: str, impl: str, peak_flops: float | None) -> dict:
   """Times `--rounds` rounds of `method` run by `impl`; returns the JSON record."""
   clients, batch, steps = _CLIENTS.value, _BATCH.value, _STEPS.value
@@ -131,6 +168,13 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
       'label': jax.random.randint(label_rng, (num_images,), 0, _NUM_CLASSES.value)}
   table = fedavg.ClientTable.from_partition(np.split(np.arange(num_images), clients))
   loss_fn = train.make_loss_fn(model, image_size)
+  feature_seconds = None
+  if impl == 'cached_head':  # Training's default for method=head: the backbone runs once.
+    start = time.perf_counter()
+    features = jax.block_until_ready(train.head_features(
+        model, frozen, dataset['image'], image_size, batch_size=256))
+    feature_seconds = time.perf_counter() - start
+    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, train.head_loss_fn
   o = config.optim
   optimizer = client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov)
 
@@ -141,34 +185,9 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
   step_flops = _flops(jax.jit(one_step).lower(
       trainable, frozen, dataset, table.example_ids[0, :batch], jnp.int32(batch), run_rng))
 
-  if impl == 'vmap':
-    algorithm = fedavg.fedavg(loss_fn, optimizer, num_epochs=1, batch_size=batch,
-                              max_examples=per_client, clients_per_round=clients,
-                              num_clients=clients)
-    round_fn = jax.jit(algorithm.apply, donate_argnums=0)
-    run_round = lambda state: round_fn(state, frozen, dataset, table)[0]
-    carry = algorithm.init(trainable, run_rng)
-  else:
-    update = jax.jit(client_lib.make_client_update(
-        loss_fn, optimizer, num_epochs=1, batch_size=batch, max_examples=per_client))
-    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-    # Equal client sizes: the example-weighted mean of FedAvg is the plain mean.
-    apply_mean = jax.jit(lambda params, total: jax.tree.map(
-        lambda p, d: p + d / clients, params, total))
-    client_ids, client_counts = list(table.example_ids), list(table.num_examples)
-
-    def run_round(carry):
-      params, rng = carry
-      rng, round_rng = jax.random.split(rng)
-      total = None
-      for ids, count, client_rng in zip(client_ids, client_counts,
-                                        jax.random.split(round_rng, clients)):
-        delta = update(params, frozen, dataset, ids, count, client_rng).delta
-        total = delta if total is None else add(total, delta)
-      return apply_mean(params, total), rng
-
-    carry = (trainable, run_rng)
-
+  make_round = loop_round if impl == 'loop' else vmap_round
+  run_round, carry = make_round(loss_fn, optimizer, trainable, frozen, dataset, table,
+                                batch, run_rng)
   compile_seconds, times = time_rounds(run_round, carry, _ROUNDS.value)
   memory, memory_source = peak_memory()  # Before the matmul can add to it.
   peak_flops = peak_flops or measure_peak_flops(jnp.dtype(dtype))
@@ -184,6 +203,8 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
       'seconds_per_round': _significant(seconds),
       'seconds_per_round_mean': _significant(statistics.mean(times)),
       'device': jax.devices()[0].device_kind}
+  if feature_seconds is not None:
+    record['feature_seconds'] = _significant(feature_seconds)
   if step_flops:
     flops = step_flops * steps * clients
     record.update(flops_per_round=_significant(flops),
@@ -220,7 +241,8 @@ def main(argv):
       peft.parse_method(method)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  runs = [(method, impl) for method in _METHOD.value for impl in _IMPL.value]
+  runs = [(method, impl) for method in _METHOD.value for impl in _IMPL.value
+          if impl != 'cached_head' or method == 'head']
   if len(runs) > 1:
     run_isolated(runs)
   else:
