@@ -45,6 +45,7 @@ def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters stay float32.
   c.model.representation_size = config_dict.placeholder(int)  # pre_logits, off.
+  c.model.attention = ''  # '' (XLA) or 'cudnn': fused attention on NVIDIA GPUs.
   c.model.frozen_dtype = ''  # e.g. 'bfloat16': store the frozen backbone so; '': as params.
 
   c.peft = ml_collections.ConfigDict()

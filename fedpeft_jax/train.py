@@ -40,7 +40,7 @@ def build_model(config, method: str | None = None) -> vit.VisionTransformer:
   return vit.VisionTransformer(
       vit.SIZES[config.model.name], config.data.num_classes, modules,
       representation_size=config.model.representation_size,
-      dtype=jnp.dtype(config.model.dtype))
+      dtype=jnp.dtype(config.model.dtype), attention=config.model.attention or None)
 
 
 def _dummy_images(config):

@@ -57,6 +57,7 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True) -> 
          f'must be divisible by the patch size {size.patch_size} of {config.model.name}')
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.frozen_dtype', ('',) + DTYPES)
+  _one_of(config, 'model.attention', ('', 'xla', 'cudnn'))
   if config.model.checkpoint and needs_weights:
     _check(os.path.isfile(config.model.checkpoint), 'model.checkpoint',
            config.model.checkpoint, "no such file: give an official ViT .npz checkpoint, or '' "

@@ -81,3 +81,10 @@ def test_bfloat16_compute_keeps_float32_params():
   leaves = jax.tree.leaves(variables)
   assert all(l.dtype == jnp.float32 for l in leaves)
   assert model.dtype == jnp.bfloat16
+
+
+def test_padded_attention_with_sequence_lengths_equals_plain_attention():
+  """The padding cuDNN needs, checked through XLA's implementation of the same masks."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 2, 8)) for i in range(3))
+  np.testing.assert_allclose(vit.attention(q, k, v, 'xla', pad_to=32),
+                             vit.attention(q, k, v, None), atol=1e-5)

@@ -66,6 +66,25 @@ class Adapter(nn.Module):
     return x + h
 
 
+def attention(q, k, v, implementation: Optional[str], pad_to: Optional[int] = None):
+  """`jax.nn.dot_product_attention`, optionally padding the sequence.
+
+  cuDNN's fused kernels refuse some sequence lengths (ViT-B/16's 197 in the
+  backward pass), so for them the tokens are padded to a multiple of `pad_to`
+  and the padding is masked out by sequence lengths.
+  """
+  if pad_to is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  batch, length = q.shape[:2]
+  padded = -(-length // pad_to) * pad_to
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
+  lengths = jnp.full((batch,), length, jnp.int32)
+  y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                   key_value_seq_lengths=lengths,
+                                   implementation=implementation)
+  return y[:, :length]
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the official parameter layout, fused attention kernel."""
   num_heads: int
@@ -73,6 +92,7 @@ class MultiHeadDotProductAttention(nn.Module):
   lora_alpha: float
   dtype: Dtype
   param_dtype: Dtype
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention's; 'cudnn' on GPUs.
 
   @nn.compact
   def __call__(self, x):
@@ -93,7 +113,8 @@ class MultiHeadDotProductAttention(nn.Module):
       return out
 
     q, k, v = project('query'), project('key'), project('value')
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = attention(q, k, v, self.implementation,
+                  pad_to=64 if self.implementation == 'cudnn' else None)
     return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype,
                            param_dtype=self.param_dtype, name='out')(y)
 
@@ -131,6 +152,7 @@ class Encoder1DBlock(nn.Module):
   adapter: Optional[nn.Module]  # A shared adapter, bound at the encoder's scope.
   dtype: Dtype
   param_dtype: Dtype
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
@@ -140,7 +162,7 @@ class Encoder1DBlock(nn.Module):
     y = norm('LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.peft.lora_rank, self.peft.lora_alpha, self.dtype,
-        self.param_dtype, name='MultiHeadDotProductAttention_1')(y)
+        self.param_dtype, self.attention, name='MultiHeadDotProductAttention_1')(y)
     x = x + y
     y = norm('LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name='MlpBlock_3')(y)
@@ -157,6 +179,7 @@ class Encoder(nn.Module):
   peft: PeftModules
   dtype: Dtype
   param_dtype: Dtype
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
@@ -185,7 +208,7 @@ class Encoder(nn.Module):
         x = jnp.concatenate(
             [x[:, :1], tokens(i), x[:, 1 + peft.prompt_tokens:]], axis=1)
       x = Encoder1DBlock(self.size.mlp_dim, self.size.num_heads, peft,
-                         shared_adapter, self.dtype, self.param_dtype,
+                         shared_adapter, self.dtype, self.param_dtype, self.attention,
                          name=f'encoderblock_{i}')(x)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                         name='encoder_norm')(x)
@@ -198,6 +221,7 @@ class VisionTransformer(nn.Module):
   peft: PeftModules = PeftModules()
   representation_size: Optional[int] = None  # `pre_logits` of the original i21k files.
   features_only: bool = False  # Return the representation the head reads.
+  attention: Optional[str] = None  # None/'xla', or 'cudnn' (fused, padded) on GPUs.
   dtype: Dtype = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
 
@@ -212,7 +236,7 @@ class VisionTransformer(nn.Module):
     cls = self.param('cls', nn.initializers.zeros, (1, 1, hidden), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, hidden)), x],
                         axis=1)
-    x = Encoder(self.size, self.peft, self.dtype, self.param_dtype,
+    x = Encoder(self.size, self.peft, self.dtype, self.param_dtype, self.attention,
                 name='Transformer')(x)
     x = x[:, 0]
     if self.representation_size is not None:
