@@ -54,6 +54,10 @@ _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                            'Compute dtype; default: bfloat16 on GPU/TPU, float32 on CPU.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds after the warm-up round.',
                                lower_bound=1)
+_ATTENTION = flags.DEFINE_enum('attention', '', ['', 'xla', 'cudnn'],
+                               "model.attention: '' (XLA) or 'cudnn' (fused, padded).")
+_FROZEN_DTYPE = flags.DEFINE_string('frozen_dtype', '',
+                                    "model.frozen_dtype, e.g. 'bfloat16'; '': float32.")
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 100, 'Classifier outputs.',
                                     lower_bound=1)
 _PEAK_FLOPS = flags.DEFINE_float(
@@ -154,11 +158,14 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
   config.model.image_size = image_size
   config.model.dtype = dtype
   config.data.num_classes = _NUM_CLASSES.value
+  config.model.attention = _ATTENTION.value
 
   model = train.build_model(config)
   params = train.init_params(config, model, jax.random.key(0))
   trainable, frozen = peft.split(params, peft.labels(method, params))
   del params  # The frozen tree is the only copy of the backbone, as in training.
+  if _FROZEN_DTYPE.value:
+    frozen = jax.tree.map(lambda x: x.astype(_FROZEN_DTYPE.value), frozen)
   image_rng, label_rng, run_rng = jax.random.split(jax.random.key(1), 3)
   per_client = steps * batch  # One local epoch of exactly `steps` steps.
   num_images = clients * per_client
