@@ -106,3 +106,24 @@ def test_chunk_for_memory_picks_the_largest_fitting_divisor():
   import pytest
   with pytest.raises(ValueError, match='GiB'):
     fedavg.chunk_for_memory(8, 10, 5)
+
+
+def test_the_frozen_tree_is_never_copied_per_client():
+  """No value in the compiled round has a client axis in front of a frozen leaf's shape."""
+  dataset, parts, trainable, _ = _setup()
+  frozen = {'proj': jnp.ones((DIM, 53))}  # A shape that appears nowhere else.
+  trainable = {'w': jnp.zeros((53, CLASSES)), 'b': jnp.zeros(CLASSES)}
+
+  def loss_fn(trainable, frozen, batch, rng):
+    logits = (batch['x'] @ frozen['proj']) @ trainable['w'] + trainable['b']
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['y'])
+
+  table = fedavg.ClientTable.from_partition(parts)
+  algorithm = fedavg.fedavg(loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1,
+                            batch_size=4, max_examples=table.max_examples,
+                            clients_per_round=4, num_clients=len(parts))
+  state = algorithm.init(trainable, jax.random.key(0))
+  hlo = jax.jit(algorithm.apply).lower(state, frozen, dataset, table).compile().as_text()
+  assert f'f32[{DIM},53]' in hlo  # The frozen leaf itself is there...
+  assert f'f32[4,{DIM},53]' not in hlo and f'f32[{DIM},53,4]' not in hlo  # ...never per client.
+  assert 'f32[4,53,3]' in hlo  # While the trainable tree is, once per client.
