@@ -2,8 +2,8 @@
 
 Every client is padded to the same number of examples so that one compiled
 function (and its vmap over clients) serves all clients and rounds: padded
-positions are masked out of the loss, and steps with no real example leave
-parameters and optimizer state untouched.
+positions are masked out of the loss, and a client runs only the steps its own
+examples fill.
 """
 from __future__ import annotations
 
@@ -110,29 +110,23 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     order_rngs, step_rngs = jax.vmap(jax.random.split, out_axes=1)(epoch_rngs)
     positions, valid = jax.vmap(make_batches, in_axes=(0, None, None, None))(
         order_rngs, num_examples, max_examples, batch_size)
-    steps_per_epoch = positions.shape[1]
-    # Keys folded from (epoch, step): independent of the padded step count.
-    step_rngs = jax.vmap(lambda r: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        r, jnp.arange(steps_per_epoch)))(step_rngs)
+    # Only this client's real steps run: under vmap the loop lasts as long as the
+    # chunk's largest client needs, not as long as the largest client overall.
+    steps_per_epoch = (num_examples + batch_size - 1) // batch_size
 
-    def step(carry, inputs):
+    def step(t, carry):
       params, opt_state, loss_sum = carry
-      batch_positions, batch_valid, rng = inputs
-      ids = example_ids[batch_positions]
-      batch = jax.tree.map(lambda x: x[ids], dataset)
-      grads, batch_loss = grad_fn(params, frozen, batch, batch_valid, rng)
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      # A step made only of padding must not move momentum or weight decay.
-      keep = lambda new, old: jnp.where(batch_valid.any(), new, old)
-      params = jax.tree.map(keep, new_params, params)
-      opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-      return (params, opt_state, loss_sum + batch_loss), None
+      epoch, index = t // steps_per_epoch, t % steps_per_epoch
+      batch_valid = valid[epoch, index]
+      batch = jax.tree.map(lambda x: x[example_ids[positions[epoch, index]]], dataset)
+      # Keys folded from (epoch, step): independent of the client's padding.
+      step_rng = jax.random.fold_in(step_rngs[epoch], index)
+      grads, batch_loss = grad_fn(params, frozen, batch, batch_valid, step_rng)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss_sum + batch_loss
 
     init = (trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32))
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    (trained, _, loss_sum), _ = jax.lax.scan(
-        step, init, (flat(positions), flat(valid), flat(step_rngs)))
+    trained, _, loss_sum = jax.lax.fori_loop(0, num_epochs * steps_per_epoch, step, init)
     delta = jax.tree.map(jnp.subtract, trained, trainable)
     return ClientOutput(delta, loss_sum, valid.sum())
 
