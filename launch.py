@@ -16,11 +16,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fedpeft_jax import resume
+from fedpeft_jax import errors
 from fedpeft_jax import train
 from fedpeft_jax import validation
-from fedpeft_jax.data import sources
-from fedpeft_jax.model import checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file with an optional argument: '
@@ -34,9 +32,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Multi-host (TPU pod slice, multi-node GPU): call '
     'jax.distributed.initialize() first; run the same command on every host.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-USER_ERRORS = (validation.ConfigError, sources.DataError, checkpoint.CheckpointError,
-               resume.ResumeError, ValueError)
 
 
 def main(argv):
@@ -56,7 +51,7 @@ def main(argv):
       train.write_privacy_report(config, _WORKDIR.value)
     else:
       train.train(config, _WORKDIR.value)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except train.TrainingError as e:

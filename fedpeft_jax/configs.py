@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from fedpeft_jax import peft
+from fedpeft_jax import errors, peft
 
 # Client learning rates of the paper's configs (LoRA is not in the paper).
 LEARNING_RATES = {'full': 1e-3, 'head': 5e-3, 'bias': 1e-2, 'adapter': 5e-3,
@@ -26,7 +26,7 @@ def parse_arg(arg: str) -> tuple[str, str]:
   for option in options:
     key, _, value = option.partition('=')
     if key != 'dp' or value not in DP_MODES:
-      raise ValueError(f'config argument {arg!r}: expected METHOD[,dp=MODE] with MODE in '
+      raise errors.UserError(f'config argument {arg!r}: expected METHOD[,dp=MODE] with MODE in '
                        f'{DP_MODES}, got {option!r}')
     dp_mode = value
   peft.parse_method(method)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from flax import traverse_util
 
+from fedpeft_jax import errors
 from fedpeft_jax.model.vit import PeftModules
 
 TRAINABLE = 'trainable'
@@ -46,7 +47,7 @@ def parse_method(method: str) -> tuple[str, ...]:
   parts = tuple(p.strip() for p in method.split('+'))
   unknown = [p for p in parts if p not in _PREDICATES]
   if unknown or not parts:
-    raise ValueError(f'peft.method={method!r}: unknown method(s) {unknown}; '
+    raise errors.UserError(f'peft.method={method!r}: unknown method(s) {unknown}; '
                      f"allowed: {', '.join(METHODS)}, joined with '+' (e.g. 'bias+lora')")
   return parts
 

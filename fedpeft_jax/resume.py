@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from fedpeft_jax import errors
 from fedpeft_jax.federated import fedavg
 
 # Keys that may change between a run and its resumption: they do not change
@@ -25,7 +26,7 @@ RESUMABLE_CHANGES = ('fl.rounds', 'fl.eval_every', 'checkpoint.', 'eval.batch_si
                      'data.download', 'data.data_dir')
 
 
-class ResumeError(ValueError):
+class ResumeError(errors.UserError):
   pass
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from fedpeft_jax import configs, peft
+from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.model import vit
@@ -17,7 +17,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 AGGREGATIONS = ('weighted', 'uniform')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   def __init__(self, key: str, value, allowed: str):
     super().__init__(f'--config.{key}={value!r}: {allowed}')
 
@@ -67,7 +67,7 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True) -> 
 
   try:
     parts = peft.parse_method(config.peft.method)
-  except ValueError:
+  except errors.UserError:
     raise ConfigError('peft.method', config.peft.method,
                       f"must be one of {', '.join(peft.METHODS)} or a '+' composition "
                       "such as 'bias+lora'") from None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedpeft_jax import errors
+
 METHODS = ('iid', 'dirichlet')
 _MAX_ATTEMPTS = 1000
 
@@ -10,9 +12,9 @@ _MAX_ATTEMPTS = 1000
 def _check(labels, num_clients: int) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1:
-    raise ValueError(f'labels must be 1-D, got shape {labels.shape}.')
+    raise errors.UserError(f'labels must be 1-D, got shape {labels.shape}.')
   if num_clients < 1:
-    raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
+    raise errors.UserError(f'num_clients must be >= 1, got {num_clients}.')
   return labels
 
 
@@ -34,13 +36,13 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
   """
   labels = _check(labels, num_clients)
   if not alpha > 0:
-    raise ValueError(f'Dirichlet alpha must be > 0, got {alpha}.')
+    raise errors.UserError(f'Dirichlet alpha must be > 0, got {alpha}.')
   if min_size < 0:
-    raise ValueError(f'min_size must be >= 0, got {min_size}.')
+    raise errors.UserError(f'min_size must be >= 0, got {min_size}.')
   incompatible = (f'cannot give each of num_clients={num_clients} clients '
                   f'min_size={min_size} of {len(labels)} examples')
   if len(labels) < num_clients * min_size:
-    raise ValueError(f'Dirichlet partition {incompatible}; lower min_size or '
+    raise errors.UserError(f'Dirichlet partition {incompatible}; lower min_size or '
                      'num_clients.')
   rng = np.random.default_rng(seed)
   classes = np.unique(labels)
@@ -55,7 +57,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
     parts = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
     if min(len(p) for p in parts) >= min_size:
       return parts
-  raise ValueError(f'Dirichlet partition with alpha={alpha} {incompatible} in '
+  raise errors.UserError(f'Dirichlet partition with alpha={alpha} {incompatible} in '
                    f'{_MAX_ATTEMPTS} draws; raise alpha, or lower min_size or '
                    'num_clients.')
 
@@ -67,4 +69,4 @@ def partition(labels, *, method: str, num_clients: int, seed: int,
     return iid(labels, num_clients, seed)
   if method == 'dirichlet':
     return dirichlet(labels, num_clients, alpha, seed, min_size)
-  raise ValueError(f'Unknown partition method {method!r}; use one of {METHODS}.')
+  raise errors.UserError(f'Unknown partition method {method!r}; use one of {METHODS}.')

@@ -18,6 +18,8 @@ import zlib
 import numpy as np
 import PIL.Image
 
+from fedpeft_jax import errors
+
 SOURCES = ('folder', 'tfds', 'synthetic')
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
@@ -37,7 +39,7 @@ class Dataset:
     return len(self.labels)
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A data problem the user must fix; the message says what and how."""
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedpeft_jax import errors
 from fedpeft_jax.federated import aggregators as aggregators_lib
 from fedpeft_jax.federated import client as client_lib
 
@@ -108,7 +109,7 @@ def chunk_for_memory(clients_per_round: int, per_client_bytes: int, available_by
   fitting = [c for c in range(multiple, clients_per_round + 1, multiple)
              if clients_per_round % c == 0 and c * per_client_bytes <= available_bytes]
   if not fitting:
-    raise ValueError(
+    raise errors.UserError(
         f'one chunk of {multiple} client(s) needs {multiple * per_client_bytes / 2**30:.1f} '
         f'GiB but {available_bytes / 2**30:.1f} GiB are free: lower fl.batch_size or use '
         'a PEFT method')
@@ -135,10 +136,10 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
   all-reduces.
   """
   if sampling not in SAMPLINGS:
-    raise ValueError(f'sampling={sampling!r}: allowed {SAMPLINGS}')
+    raise errors.UserError(f'sampling={sampling!r}: allowed {SAMPLINGS}')
   chunk = client_chunk or clients_per_round
   if mesh is not None and chunk % mesh.size:
-    raise ValueError(f'fl.client_chunk={chunk} (0 means fl.clients_per_round) must be a '
+    raise errors.UserError(f'fl.client_chunk={chunk} (0 means fl.clients_per_round) must be a '
                      f'multiple of the {mesh.size} devices the clients are sharded over')
   by_client = (lambda x: x) if mesh is None else (
       lambda x: jax.lax.with_sharding_constraint(

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fedpeft_jax import errors
+
 # Parameters a pretrained backbone does not provide.
 _NOT_IN_CHECKPOINT = ('adapter', 'prompt', 'lora_')
 _HEAD = 'head/'
@@ -21,7 +23,7 @@ _POSEMB = 'Transformer/posembed_input/pos_embedding'
 _PRE_LOGITS = 'pre_logits/'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   pass
 
 

@@ -25,6 +25,8 @@ from dp_accounting import mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedpeft_jax import errors
+
 NeighborRel = dp_accounting.NeighboringRelation
 RDP_ORDERS = tuple(np.concatenate([np.linspace(1.01, 8, 100), np.arange(8.5, 64, 0.5),
                                    np.arange(64, 1025, 16)]))
@@ -66,7 +68,7 @@ def accountant_name(spec: PrivacySpec) -> str:
   """'auto' is PLD where dp-accounting's PLD supports the event, RDP elsewhere."""
   pld_ok = _relation(spec) == NeighborRel.ADD_OR_REMOVE_ONE
   if spec.accountant == 'pld' and not pld_ok:
-    raise ValueError(
+    raise errors.UserError(
         "dp.accountant='pld' does not support sampling without replacement "
         "(dp.sampling='fixed' or dp.mode='sample'); use dp.accountant='rdp' or 'auto'")
   if spec.accountant == 'auto':
@@ -121,9 +123,9 @@ def epsilon(spec: PrivacySpec, rounds: int | None = None,
 def calibrate_noise(spec: PrivacySpec, target_epsilon: float) -> float:
   """The smallest noise multiplier that delivers `target_epsilon` over the run."""
   if not target_epsilon > 0:
-    raise ValueError(f'dp.target_epsilon={target_epsilon} must be > 0')
+    raise errors.UserError(f'dp.target_epsilon={target_epsilon} must be > 0')
   if epsilon(spec, noise_multiplier=MAX_NOISE_MULTIPLIER) > target_epsilon:
-    raise ValueError(
+    raise errors.UserError(
         f'dp.target_epsilon={target_epsilon} cannot be reached at dp.delta={spec.delta} '
         f'even with noise multiplier {MAX_NOISE_MULTIPLIER:g}: raise the target, sample '
         'fewer clients or run fewer rounds')

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedpeft_jax import errors
+
 
 def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
@@ -40,7 +42,7 @@ def adaptive_delta_noise_multiplier(noise_multiplier: float, count_stddev: float
   """
   remaining = noise_multiplier ** -2 - (2 * count_stddev) ** -2
   if remaining <= 0:
-    raise ValueError(
+    raise errors.UserError(
         f'dp.clipped_count_stddev={count_stddev} is too small for '
         f'dp.noise_multiplier={noise_multiplier}: it must exceed '
         f'{1 / (2 * noise_multiplier):.4g} (1 / (2 * noise_multiplier))')
