@@ -217,3 +217,13 @@ def test_a_round_where_nobody_reports_keeps_the_model():
   assert int(m.num_sampled) == 4 and int(m.num_reported) == 0
   jax.tree.map(np.testing.assert_array_equal, state.trainable, trainable)
   assert int(state.round) == 1
+
+
+@pytest.mark.parametrize('arg,needle', [('bitfit', "peft.method='bitfit'"),
+                                        ('bias,dp=clinet', "dp.mode='clinet'")])
+def test_a_typo_in_the_config_argument_is_one_line(tmp_path, arg, needle):
+  result = subprocess.run(
+      [sys.executable, 'launch.py', f'--config=experiments/synthetic_tiny.py:{arg}',
+       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert needle in result.stderr
