@@ -5,8 +5,9 @@
 from fedpeft_jax import configs
 
 
-def get_config(method: str = 'bias'):
-  c = configs.base_config(method)
+def get_config(arg: str = 'bias'):
+  """`arg`: METHOD[,dp=none|client|sample][,clients=N][,participation=F]."""
+  c = configs.base_config(arg)
   c.model.checkpoint = 'ViT-B_16.npz'  # ImageNet-21k weights from the ViT release.
   c.data.name = 'cifar100'
   c.data.num_classes = 100

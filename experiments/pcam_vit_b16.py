@@ -5,8 +5,9 @@ The paper trains on 20,000 PCam training images.
 from fedpeft_jax import configs
 
 
-def get_config(method: str = 'bias'):
-  c = configs.base_config(method)
+def get_config(arg: str = 'bias'):
+  """`arg`: METHOD[,dp=none|client|sample][,clients=N][,participation=F]."""
+  c = configs.base_config(arg)
   c.model.checkpoint = 'ViT-B_16.npz'
   c.data.name = 'patch_camelyon'
   c.data.num_classes = 2

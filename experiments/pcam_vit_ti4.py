@@ -7,8 +7,9 @@ Paths are relative to the repository root, where ../shared sits beside the check
 from fedpeft_jax import configs
 
 
-def get_config(method: str = 'bias'):
-  c = configs.base_config(method)
+def get_config(arg: str = 'bias'):
+  """`arg`: METHOD[,dp=none|client|sample][,clients=N][,participation=F]."""
+  c = configs.base_config(arg)
   c.model.name = 'vit_ti4'
   c.model.checkpoint = '../shared/backbones/vit_ti4_cifar10.npz'
   c.model.image_size = 32

@@ -5,8 +5,9 @@ TFDS has Resisc45 as a single 31,500-image `train` split: 80% train, 20% test.
 from fedpeft_jax import configs
 
 
-def get_config(method: str = 'bias'):
-  c = configs.base_config(method)
+def get_config(arg: str = 'bias'):
+  """`arg`: METHOD[,dp=none|client|sample][,clients=N][,participation=F]."""
+  c = configs.base_config(arg)
   c.model.checkpoint = 'ViT-B_16.npz'
   c.data.name = 'resisc45'
   c.data.num_classes = 45

@@ -6,7 +6,7 @@ from fedpeft_jax import configs
 
 
 def get_config(arg: str = 'bias'):
-  c = configs.base_config(arg)
+  c = configs.base_config(arg, clients=8, participation=0.5)
   c.model.name = 'vit_test'
   c.model.image_size = 16
   c.model.dtype = 'float32'
@@ -15,8 +15,6 @@ def get_config(arg: str = 'bias'):
   c.data.num_train_examples = 256
   c.data.num_test_examples = 64
   c.data.partition = 'iid'
-  c.fl.num_clients = 8
-  c.fl.clients_per_round = 4
   c.fl.rounds = 3
   c.fl.local_epochs = 1
   c.fl.batch_size = 16

@@ -23,25 +23,35 @@ def learning_rate(method: str) -> float:
 DP_MODES = ('none', 'client', 'sample')
 
 
-def parse_arg(arg: str) -> tuple[str, str]:
-  """`'bias'` or `'bias,dp=client'` -> (method, dp mode).
+OPTIONS = {'dp': 'none', 'clients': '64', 'participation': '0.125'}
 
-  Values are checked by `validation.validate`, which reports a typo as one line
-  rather than as a traceback from inside flag parsing.
+
+def parse_arg(arg: str, **defaults) -> tuple[str, dict[str, str]]:
+  """`'METHOD[,dp=MODE][,clients=N][,participation=F]'` -> (method, options).
+
+  The options span the paper's grid: dp none/client/sample, 16 or 64 clients,
+  12.5% or 100% of them per round. Values are checked by
+  `validation.validate`, which reports a typo as one line rather than as a
+  traceback from inside flag parsing.
   """
-  method, *options = arg.split(',')
-  dp_mode = 'none'
-  for option in options:
-    key, _, dp_mode = option.partition('=')
-    if key != 'dp':
-      raise errors.UserError(f'config argument {arg!r}: expected METHOD[,dp=MODE], '
-                             f'got {option!r}')
-  return method, dp_mode
+  method, *pairs = arg.split(',')
+  options = {**OPTIONS, **{k: str(v) for k, v in defaults.items()}}
+  for pair in pairs:
+    key, _, value = pair.partition('=')
+    if key not in OPTIONS:
+      raise errors.UserError(f'config argument {arg!r}: unknown option {key!r}; '
+                             f'allowed: {", ".join(OPTIONS)}')
+    options[key] = value
+  return method, options
 
 
-def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
-  """Defaults for `arg` = METHOD[,dp=client|sample], e.g. 'bias+lora,dp=client'."""
-  method, dp_mode = parse_arg(arg)
+def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDict:
+  """Defaults for `arg` (see `parse_arg`), e.g. 'bias+lora,dp=client,clients=16'.
+
+  `option_defaults` are a config file's own defaults for the argument's options.
+  """
+  method, options = parse_arg(arg, **option_defaults)
+  dp_mode = options['dp']
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -81,8 +91,13 @@ def base_config(arg: str = 'bias') -> ml_collections.ConfigDict:
   c.data.min_client_size = 10
 
   c.fl = ml_collections.ConfigDict()
-  c.fl.num_clients = 64
-  c.fl.clients_per_round = 8
+  try:
+    c.fl.num_clients = int(options['clients'])
+    c.fl.clients_per_round = max(1, round(c.fl.num_clients * float(options['participation'])))
+  except ValueError:
+    raise errors.UserError(f'config argument {arg!r}: clients must be an integer and '
+                           'participation a fraction, e.g. clients=16,participation=1.0'
+                           ) from None
   c.fl.rounds = 50
   c.fl.local_epochs = 10
   c.fl.batch_size = 64

@@ -1,0 +1,48 @@
+"""Every experiment config, over the paper's grid, loads and validates."""
+import importlib.util
+import itertools
+
+import pytest
+
+from fedpeft_jax import configs, peft, validation
+from tests.conftest import REPO
+
+EXPERIMENTS = sorted((REPO / 'experiments').glob('*.py'))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: p.stem)
+def test_the_grid_of_every_config_validates(path):
+  module = _load(path)
+  grid = itertools.product(peft.METHODS, configs.DP_MODES, ('16', '64'), ('0.125', '1.0'))
+  for method, dp, clients, participation in grid:
+    config = module.get_config(f'{method},dp={dp},clients={clients},'
+                               f'participation={participation}')
+    validation.validate(config, needs_weights=False, needs_data=False)
+    assert config.peft.method == method and config.dp.mode == dp
+    assert config.fl.num_clients == int(clients)
+    assert config.fl.clients_per_round == max(1, round(int(clients) * float(participation)))
+    assert config.optim.lr == configs.LEARNING_RATES[method]
+    assert config.fl.aggregation == ('uniform' if dp == 'client' else 'weighted')
+
+
+def test_paper_configs_have_the_paper_settings():
+  for name, classes, alpha in (('cifar100_vit_b16', 100, 0.1), ('resisc45_vit_b16', 45, 0.1),
+                               ('pcam_vit_b16', 2, 0.5)):
+    c = _load(REPO / 'experiments' / f'{name}.py').get_config('bias')
+    assert (c.model.name, c.model.image_size, c.data.num_classes) == ('vit_b16', 224, classes)
+    assert (c.data.partition, c.data.alpha, c.data.min_client_size) == ('dirichlet', alpha, 10)
+    assert (c.fl.num_clients, c.fl.clients_per_round, c.fl.rounds, c.fl.local_epochs,
+            c.fl.batch_size) == (64, 8, 50, 10, 64)
+    assert (c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (0.9, True, 1e-4)
+
+
+def test_an_unknown_option_is_named():
+  with pytest.raises(configs.errors.UserError, match="unknown option 'rounds'"):
+    configs.base_config('bias,rounds=5')
