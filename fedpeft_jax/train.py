@@ -342,9 +342,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       bytes_up = BYTES_PER_PARAM * num_trainable * int(metrics.num_reported)
       bytes_cumulative += bytes_up + bytes_down
       last = round_index == config.fl.rounds
+      status = 'acc    -  '  # Accuracy and epsilon are computed on evaluated rounds only.
       if round_index % config.fl.eval_every == 0 or last:
         accuracy = float(evaluate(state.trainable, frozen, test_images, test_labels))
-        elapsed = wall_offset + time.time() - start
         record = {
             'round': round_index, 'test_accuracy': accuracy,
             'train_loss': float(metrics.train_loss),
@@ -353,7 +353,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             'clients_nonfinite': int(metrics.num_nonfinite),
             'bytes_up': bytes_up, 'bytes_down': bytes_down,
             'bytes_cumulative': bytes_cumulative, 'trainable_params': num_trainable,
-            'trainable_sha256': tree_sha256(state.trainable), 'wall_s': elapsed}
+            'trainable_sha256': tree_sha256(state.trainable),
+            'wall_s': wall_offset + time.time() - start}
+        status = f'acc {accuracy:.4f}'
         if privacy is not None:
           record.update(epsilon=accounting.epsilon(privacy, round_index),
                         noise_multiplier=privacy.noise_multiplier,
@@ -361,14 +363,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                                                                config.dp.clip_norm)))
           if 'clipped_fraction' in metrics.aggregator:
             record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+          status += f'  eps {record["epsilon"]:.3g}'
         log.write(json.dumps(record) + '\n')
         log.flush()
         history.append(record)
-        rate = (time.time() - start) / (round_index - first_round + 1)
-        epsilon = f'  eps {record["epsilon"]:.3g}' if privacy is not None else ''
-        print(f'round {round_index:4d}/{config.fl.rounds}  acc {accuracy:.4f}  '
-              f'loss {record["train_loss"]:.4f}  sent {bytes_cumulative / 2**20:.2f} MB'
-              f'{epsilon}  eta {rate * (config.fl.rounds - round_index):.0f}s', flush=True)
+      rate = (time.time() - start) / (round_index - first_round + 1)
+      print(f'round {round_index:4d}/{config.fl.rounds}  {status}  '
+            f'loss {float(metrics.train_loss):.4f}  sent {bytes_cumulative / 2**20:.2f} MB  '
+            f'eta {rate * (config.fl.rounds - round_index):.0f}s', flush=True)
       if round_index % config.checkpoint.every == 0 or last:
         save()
   resume.export_trainable(os.path.join(workdir, 'trainable.npz'), state.trainable)
