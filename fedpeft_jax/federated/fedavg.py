@@ -161,8 +161,9 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     clients, sampled = sample_cohort(keys.sampling, sampling, num_clients, clients_per_round)
     dropped = jax.random.bernoulli(keys.dropout, dropout_prob, sampled.shape)
     reported = sampled & ~dropped
-    # Reporting clients first; only they are trained.
-    order = jnp.argsort(~reported, stable=True)
+    # Reporting clients first (only they are trained), largest first: a chunk runs as
+    # long as its largest client, so chunks of similar sizes waste the least.
+    order = jnp.lexsort((-table.num_examples[clients], ~reported))
     num_reporting = reported.sum()
     capacity = -(-clients.shape[0] // chunk) * chunk
     ids = jnp.pad(clients[order], (0, capacity - clients.shape[0]))
