@@ -176,10 +176,10 @@ def privacy_spec(config, client_sizes=()) -> accounting.PrivacySpec | None:
   return spec
 
 
-def privacy_report(spec: accounting.PrivacySpec, rounds: int | None = None) -> dict:
-  return {'epsilon': accounting.epsilon(spec, rounds), 'delta': spec.delta,
+def privacy_report(spec: accounting.PrivacySpec) -> dict:
+  return {'epsilon': accounting.epsilon(spec), 'delta': spec.delta,
           'noise_multiplier': spec.noise_multiplier, 'sampling_rate': spec.sampling_rate,
-          'rounds': spec.rounds if rounds is None else rounds,
+          'rounds': spec.rounds,
           'accountant': accounting.accountant_name(spec), 'mode': spec.mode,
           'sampling': spec.sampling if spec.mode == 'client' else 'without_replacement'}
 
@@ -210,8 +210,8 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
       client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
       num_epochs=fl.local_epochs, batch_size=fl.batch_size, max_examples=max_examples,
       clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
-      client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling, dropout_prob=fl.dropout_prob,
-      aggregator=aggregator, server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
+      client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling,
+      dropout_prob=fl.dropout_prob, aggregator=aggregator, server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
       mesh=client_mesh(config))
 
 

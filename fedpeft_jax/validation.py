@@ -12,6 +12,7 @@ from fedpeft_jax.data import partition, sources
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.model import vit
 from fedpeft_jax.privacy import accounting
+from fedpeft_jax.privacy import mechanisms
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 AGGREGATIONS = ('weighted', 'uniform')
@@ -144,24 +145,28 @@ def _validate_privacy(config):
     _check(config.fl.aggregation == 'uniform', 'fl.aggregation', config.fl.aggregation,
            "must be 'uniform' with dp.mode='client': weighting by example count lets one "
            'client move the average by more than its clip norm')
-    if dp.accountant == 'pld':
-      _check(dp.sampling == 'poisson', 'dp.accountant', dp.accountant,
-             "PLD supports Poisson sampling only: use 'rdp' or 'auto' with dp.sampling='fixed'")
     if dp.adaptive_clip:
       _check(0 < dp.target_quantile < 1, 'dp.target_quantile', dp.target_quantile,
              'must be in (0, 1)')
       _positive(config, 'dp.clip_lr')
       if dp.target_epsilon is None and dp.noise_multiplier > 0:
         stddev = clipped_count_stddev(config)
-        minimum = 1 / (2 * dp.noise_multiplier)
-        _check(stddev > minimum, 'dp.clipped_count_stddev', stddev,
-               f'must exceed 1 / (2 * dp.noise_multiplier) = {minimum:.4g}')
+        _explain('dp.clipped_count_stddev', stddev, mechanisms.adaptive_delta_noise_multiplier,
+                 dp.noise_multiplier, stddev)
   else:
-    _check(dp.accountant != 'pld', 'dp.accountant', dp.accountant,
-           "PLD does not support the without-replacement batches of dp.mode='sample': "
-           "use 'rdp' or 'auto'")
     _check(not dp.adaptive_clip, 'dp.adaptive_clip', dp.adaptive_clip,
            "adaptive clipping is for dp.mode='client' only")
+  _explain('dp.accountant', dp.accountant, accounting.accountant_name, accounting.PrivacySpec(
+      mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=1,
+      accountant=dp.accountant, sampling=dp.sampling))
+
+
+def _explain(key: str, value, check, *args):
+  """Runs a library check early, reporting its error against the config key."""
+  try:
+    check(*args)
+  except errors.UserError as e:
+    raise ConfigError(key, value, str(e)) from None
 
 
 def clipped_count_stddev(config) -> float:

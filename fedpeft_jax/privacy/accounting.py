@@ -69,8 +69,8 @@ def accountant_name(spec: PrivacySpec) -> str:
   pld_ok = _relation(spec) == NeighborRel.ADD_OR_REMOVE_ONE
   if spec.accountant == 'pld' and not pld_ok:
     raise errors.UserError(
-        "dp.accountant='pld' does not support sampling without replacement "
-        "(dp.sampling='fixed' or dp.mode='sample'); use dp.accountant='rdp' or 'auto'")
+        "PLD supports Poisson sampling only, not sampling without replacement "
+        "(dp.sampling='fixed' or dp.mode='sample'): use dp.accountant='rdp' or 'auto'")
   if spec.accountant == 'auto':
     return 'pld' if pld_ok else 'rdp'
   return spec.accountant
