@@ -22,7 +22,8 @@ from fedpeft_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file with an optional argument: '
-    'path.py:METHOD[,dp=client|sample].', lock_config=True)
+    'path.py:METHOD[,dp=none|client|sample][,clients=N][,participation=F].',
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written.')
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'masks', 'privacy'],
