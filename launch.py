@@ -1,64 +1,161 @@
 r"""Runs a FedPEFT experiment from an ml_collections config.
 
   python launch.py --config=experiments/pcam_vit_ti4.py:bias --workdir=/tmp/pcam
+  python launch.py --config=experiments/pcam_vit_ti4.py:bias --mode=config
   python launch.py --config=experiments/cifar100_vit_b16.py:adapter --mode=masks \
       --workdir=/tmp/masks
   python launch.py --config=experiments/pcam_vit_ti4.py:bias,dp=client --mode=privacy \
       --workdir=/tmp/dp --config.dp.target_epsilon=8
 
-Bad config values, missing data and mismatched checkpoints end the run with one
-line naming the problem and exit status 2.
+A user's mistake (a bad flag or config value, a missing or broken file, a busy
+workdir) ends the run before any work with one line naming it and the fix, and
+exit status 2. Library INFO logging is off unless asked for with --verbosity=0.
 """
+import difflib
+import os
 import sys
 
 import jax
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from fedpeft_jax import configs
 from fedpeft_jax import errors
-from fedpeft_jax import train
+from fedpeft_jax import resume
 from fedpeft_jax import validation
+from fedpeft_jax.experiment import build
+from fedpeft_jax.experiment import callbacks
+from fedpeft_jax.experiment import reports
+from fedpeft_jax.experiment import train
+from fedpeft_jax.experiment import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file with an optional argument: '
     'path.py:METHOD[,dp=none|client|sample][,clients=N][,participation=F].',
     lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written '
+                               '(not needed by --mode=config).')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'masks', 'privacy'],
-    'train: run the experiment; masks: trainable parameters of every PEFT method (no data, '
-    'no weights); privacy: the epsilon the configured run will deliver (trains nothing).')
+    'mode', 'train', ['train', 'masks', 'privacy', 'config'],
+    'train: run (or resume) the experiment; masks: trainable parameters of every PEFT '
+    'method (no data, no weights); privacy: the epsilon the configured run will deliver '
+    '(trains nothing); config: print every config key with its value.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Multi-host (TPU pod slice, multi-node GPU): call '
     'jax.distributed.initialize() first; run the same command on every host.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flag_as_required('config')
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  return next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')), None)
+
+
+def _unknown_config_key(argv: list[str]) -> str | None:
+  """The first `--config.KEY=...` whose KEY no config has, as a message with the closest."""
+  known = list(configs.flat_config(configs.base_config()))
+  for arg in argv:
+    key = arg.lstrip('-').split('=', 1)[0].removeprefix('config.')
+    if arg.startswith('--config.') and key not in known:
+      close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+      hint = f'did you mean {" or ".join("--config." + k for k in close)}? ' if close else ''
+      return (f'{arg}: no such config key; {hint}'
+              '`launch.py --config=FILE --mode=config` lists every key')
+  return None
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """A config file's own check of its argument (a `UserError` raised in `get_config`)."""
+  while e is not None and not isinstance(e, errors.UserError):
+    e = e.__cause__ or e.__context__
+  if e is None:
+    return None
+  # ml_collections re-raises it with the traceback as text: its last line is the message.
+  last = str(e).strip().splitlines()[-1]
+  return last.split('UserError: ', 1)[-1]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake in it reported as one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # Flag and config-override errors come in many types.
+    _fail(_unknown_config_key(argv) or _config_file_error(e) or
+          f'{str(e).strip().splitlines()[0]}; `launch.py --helpfull` lists the flags')
+
+
+def _load_config():
+  try:
+    config = _CONFIG.value
+    config.peft  # ml_collections defers a missing file's error until first use.
+    return config
+  except OSError:
+    path = _flag_value(sys.argv, 'config').split(':', 1)[0]
+    _fail(f'--config={path}: no such config file (relative paths start at the working '
+          f'directory {os.getcwd()}); the shipped ones are in experiments/')
+
+
+def print_config(config) -> None:
+  """Every key as a flag with its value, and the base default where the file changed it."""
+  defaults = configs.flat_config(configs.base_config(config.peft.method))
+  for key, value in configs.flat_config(config).items():
+    note = f'  # base default: {defaults[key]!r}' if defaults.get(key, value) != value else ''
+    print(f'--config.{key}={value!r}{note}')
+
+
+def _last_checkpoint_line(workdir: str) -> str:
+  step = resume.latest_round(workdir)
+  if step is None:
+    return f'no checkpoint was written yet in {workdir}/checkpoints'
+  return (f'the last checkpoint is round {step} in {workdir}/checkpoints; '
+          'run the same command to resume from it')
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and XLA chatter only on request.
+  config = _load_config()
+  mode = _MODE.value
+  if mode == 'config':
+    print_config(config)
+    return
+  if not _WORKDIR.value:
+    _fail(f'--mode={mode} needs --workdir=DIR, where its outputs are written')
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    mode = _MODE.value
     validation.validate(
         config, needs_weights=mode == 'train',
         needs_data=mode == 'train' or (mode == 'privacy' and config.dp.mode == 'sample'))
+    workdir = workdir_lib.prepare(_WORKDIR.value)
     if mode == 'masks':
-      train.write_mask_report(config, _WORKDIR.value)
+      reports.write_mask_report(config, workdir)
     elif mode == 'privacy':
-      train.write_privacy_report(config, _WORKDIR.value)
+      reports.write_privacy_report(config, workdir)
     else:
-      train.train(config, _WORKDIR.value)
+      build.check_pretrained(config, build.build_model(config))
+      train.train(config, workdir)
   except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except train.TrainingError as e:
+    _fail(str(e))
+  except callbacks.TrainingError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    print(f'interrupted: {_last_checkpoint_line(os.path.abspath(_WORKDIR.value))}',
+          file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,8 +6,8 @@ vmapped in one jitted function) with what a sequential simulator does (one
 jitted client update called per client, deltas averaged after), on synthetic
 uint8 images and randomly initialised weights: no data or checkpoint needed.
 
-  PYTHONPATH=. python benchmarks/client_throughput.py
-  PYTHONPATH=. python benchmarks/client_throughput.py --model=vit_b16 --image_size=224 \
+  python benchmarks/client_throughput.py
+  python benchmarks/client_throughput.py --model=vit_b16 --image_size=224 \
       --clients=8 --batch=32 --steps=4 --method=bias,adapter,prompt,lora,full
 
 Prints one JSON line per (method, impl); benchmarks/README.md explains the keys.
@@ -31,7 +31,7 @@ import numpy as np
 
 from fedpeft_jax import configs
 from fedpeft_jax import peft
-from fedpeft_jax import train
+from fedpeft_jax.experiment import build
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.model import vit
@@ -160,8 +160,8 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
   config.data.num_classes = _NUM_CLASSES.value
   config.model.attention = _ATTENTION.value
 
-  model = train.build_model(config)
-  params = train.init_params(config, model, jax.random.key(0))
+  model = build.build_model(config)
+  params = build.init_params(config, model, jax.random.key(0))
   trainable, frozen = peft.split(params, peft.labels(method, params))
   del params  # The frozen tree is the only copy of the backbone, as in training.
   if _FROZEN_DTYPE.value:
@@ -174,14 +174,14 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
                                jnp.uint8),
       'label': jax.random.randint(label_rng, (num_images,), 0, _NUM_CLASSES.value)}
   table = fedavg.ClientTable.from_partition(np.split(np.arange(num_images), clients))
-  loss_fn = train.make_loss_fn(model, image_size)
+  loss_fn = build.make_loss_fn(model, image_size)
   feature_seconds = None
   if impl == 'cached_head':  # Training's default for method=head: the backbone runs once.
     start = time.perf_counter()
-    features = jax.block_until_ready(train.head_features(
+    features = jax.block_until_ready(build.head_features(
         model, frozen, dataset['image'], image_size, batch_size=256))
     feature_seconds = time.perf_counter() - start
-    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, train.head_loss_fn
+    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, build.head_loss_fn
   o = config.optim
   optimizer = client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov)
 

@@ -23,6 +23,17 @@ def learning_rate(method: str) -> float:
 DP_MODES = ('none', 'client', 'sample')
 
 
+def flat_config(config) -> dict:
+  """{'fl.rounds': 10, ...}: every key of a (nested) config, dot-joined, in order."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update({f'{key}.{k}': v for k, v in flat_config(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
 OPTIONS = {'dp': 'none', 'clients': '64', 'participation': '0.125'}
 
 
@@ -104,7 +115,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.fl.eval_every = 1
   c.fl.client_chunk = 0  # Clients vmapped at once; 0: all of a round's clients.
   c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
-  c.fl.aggregation = 'weighted'  # By example count; 'uniform' for DP.
+  # 'weighted' by example count, 'uniform', or 'auto': uniform under client DP, else weighted.
+  c.fl.aggregation = 'auto'
   c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.
   c.fl.shard_clients = True  # Spread each chunk of clients over all devices.
 
@@ -134,6 +146,4 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.checkpoint.every = 5  # Rounds between checkpoints; one is always written at the end.
   c.checkpoint.keep = 2
   c.checkpoint.force = False  # Resume even if the workdir was made with another config.
-  if dp_mode == 'client':
-    c.fl.aggregation = 'uniform'  # Example-count weights would break the DP bound.
   return c

@@ -2,8 +2,8 @@
 
 A checkpoint holds everything the next round depends on: the server state
 (global trainable parameters, server optimizer and aggregator state, round,
-the run's key) and, as JSON, the metrics so far, the communication and
-privacy ledgers and the config that made it. The frozen backbone and the data
+the run's key) and, as JSON, the running values of the run's callbacks
+(traffic, wall time, ...) and the config that made it. The frozen backbone and the data
 partition are rebuilt from the config (seeded), so they are not stored.
 Orbax writes into a temporary directory and renames it when complete: a crash
 mid-save leaves the previous checkpoint as the latest.
@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from fedpeft_jax import configs
 from fedpeft_jax import errors
 from fedpeft_jax.federated import fedavg
 
@@ -30,12 +31,8 @@ class ResumeError(errors.UserError):
   pass
 
 
-def _flat_config(config) -> dict:
-  return {'.'.join(k): v for k, v in traverse_util.flatten_dict(config.to_dict()).items()}
-
-
 def config_differences(saved: dict, config) -> list[str]:
-  current = _flat_config(config)
+  current = configs.flat_config(config)
   keys = sorted(set(saved) | set(current))
   return [f'{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}' for k in keys
           if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)]
@@ -55,11 +52,15 @@ class RunCheckpointer:
     arrays = state._replace(rng=jax.random.key_data(state.rng))
     self._manager.save(int(state.round), args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays),
-        meta=ocp.args.JsonSave({**meta, 'config': _flat_config(config)})))
+        meta=ocp.args.JsonSave({**meta, 'config': configs.flat_config(config)})))
     self._manager.wait_until_finished()
 
-  def restore(self, template: fedavg.ServerState, config, force: bool):
-    """Returns (state, meta) of the latest checkpoint, or None if there is none."""
+  def latest(self, config, force: bool) -> tuple[int, dict] | None:
+    """(round, saved values) of the latest checkpoint, None if there is none.
+
+    Reads only the small JSON part, so a mismatched or finished workdir is
+    known before any data is loaded.
+    """
     step = self._manager.latest_step()
     if step is None:
       return None
@@ -71,12 +72,29 @@ class RunCheckpointer:
           f'the checkpoint in {self._manager.directory} was made with another config: '
           + '; '.join(differences) + '. Use a new --workdir, or resume anyway with '
           '--config.checkpoint.force=True')
+    return step, meta
+
+  def restore_state(self, step: int, template: fedavg.ServerState) -> fedavg.ServerState:
+    """The server state saved at round `step`, shaped like `template`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             template._replace(rng=jax.random.key_data(template.rng)))
     arrays = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
     state = fedavg.ServerState(*arrays)
-    return state._replace(rng=jax.random.wrap_key_data(state.rng)), meta
+    return state._replace(rng=jax.random.wrap_key_data(state.rng))
+
+  @property
+  def directory(self) -> str:
+    return str(self._manager.directory)
+
+
+def latest_round(workdir: str) -> int | None:
+  """The round of the newest complete checkpoint in `workdir`, read from the directory
+  names alone (Orbax renames a checkpoint into place once it is complete)."""
+  path = os.path.join(workdir, 'checkpoints')
+  rounds = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(
+      path) else []
+  return max(rounds, default=None)
 
 
 def export_trainable(path: str, trainable) -> None:

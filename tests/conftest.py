@@ -1,6 +1,14 @@
+"""Shared fixtures: paths to ../shared, the tiny synthetic config, a linear federated
+problem small enough to check by hand, and the CLI launcher for tests of launch.py."""
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 
@@ -9,6 +17,7 @@ SHARED = REPO.parent / 'shared'
 TI4_CHECKPOINT = SHARED / 'backbones' / 'vit_ti4_cifar10.npz'
 PCAM = SHARED / 'data' / 'pcam32_jpeg.tar.gz'
 CIFAR10 = SHARED / 'data' / 'cifar10_jpeg.tar.gz'
+TINY = 'experiments/synthetic_tiny.py:bias'
 
 
 def needs(path: pathlib.Path):
@@ -22,3 +31,39 @@ def tiny_config(arg: str = 'bias'):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def launch(workdir, *flags, config: str = TINY, wait: bool = True, cwd=REPO):
+  """`python launch.py --config=CONFIG --workdir=WORKDIR FLAGS...`, run from `cwd`."""
+  command = [sys.executable, str(REPO / 'launch.py'), f'--config={config}',
+             f'--workdir={workdir}', *flags]
+  if wait:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+  return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+LINEAR_DIM, LINEAR_CLASSES = 6, 3
+
+
+def linear_loss_fn(trainable, frozen, batch, rng):
+  """A linear model on frozen random features, with augmentation noise from rng."""
+  x = batch['x'] @ frozen['proj'] + 0.01 * jax.random.normal(
+      rng, batch['x'].shape[:1] + (LINEAR_DIM,))
+  logits = x @ trainable['w'] + trainable['b']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch['y'])
+
+
+def linear_problem(sizes=(5, 17, 9, 30, 12, 3)):
+  """(dataset, client example ids, trainable, frozen) of uneven clients."""
+  rng = np.random.default_rng(0)
+  n = sum(sizes)
+  dataset = {'x': jnp.asarray(rng.normal(size=(n, LINEAR_DIM)), jnp.float32),
+             'y': jnp.asarray(rng.integers(0, LINEAR_CLASSES, n), jnp.int32)}
+  bounds = np.cumsum((0,) + sizes)
+  parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+  trainable = {'w': jnp.asarray(rng.normal(size=(LINEAR_DIM, LINEAR_CLASSES)),
+                                jnp.float32) * 0.1,
+               'b': jnp.zeros(LINEAR_CLASSES)}
+  frozen = {'proj': jnp.asarray(rng.normal(size=(LINEAR_DIM, LINEAR_DIM)), jnp.float32)}
+  return dataset, parts, trainable, frozen

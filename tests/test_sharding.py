@@ -11,17 +11,17 @@ SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     from jax.sharding import Mesh
     from fedpeft_jax.federated import aggregators, client as client_lib, fedavg
-    from tests.test_fedavg import _loss_fn, _setup
+    from tests.conftest import linear_loss_fn, linear_problem
 
     assert len(jax.devices()) == 8
-    dataset, parts, trainable, frozen = _setup(sizes=tuple(range(5, 21)))
+    dataset, parts, trainable, frozen = linear_problem(sizes=tuple(range(5, 21)))
     table = fedavg.ClientTable.from_partition(parts)
     results = []
     for mesh in (None, Mesh(np.array(jax.devices()), ('clients',))):
       for aggregator in (None, aggregators.dp_fedavg(clip_norm=0.1, noise_multiplier=1.0,
                                                      expected_clients=8)):
         algorithm = fedavg.fedavg(
-            _loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=2, batch_size=4,
+            linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=2, batch_size=4,
             max_examples=table.max_examples, clients_per_round=8, num_clients=len(parts),
             aggregator=aggregator, mesh=mesh)
         apply = jax.jit(algorithm.apply)

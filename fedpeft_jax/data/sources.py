@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 import PIL.Image
+import tqdm
 
 from fedpeft_jax import errors
 
@@ -55,14 +56,22 @@ def load(source: str, *, name: str = '', path: str = '', split: str,
   elif source == 'synthetic':
     return _synthetic(split, image_size, num_classes, num_examples, seed)
   else:
-    raise DataError(f'Unknown data source {source!r}; use one of {SOURCES}.')
+    raise DataError(f'Unknown data source {source!r}; use one of {SOURCES}.',
+                    argument='source')
   if num_classes is not None and ds.num_classes != num_classes:
     # Labels beyond the model's head would silently train on garbage.
     raise DataError(
         f'{source} data {name or path!r} split {split!r} has {ds.num_classes} '
         f'classes {ds.class_names}, but num_classes={num_classes} was asked '
-        'for; set num_classes to match the data or point at other data.')
+        'for; set num_classes to match the data or point at other data.',
+        argument='num_classes')
   return ds
+
+
+def _progress(iterable, description: str, total: int | None = None):
+  """A progress bar on a terminal; nothing when the output is a file or a pipe."""
+  return tqdm.tqdm(iterable, desc=description, total=total, unit='img', leave=False,
+                   disable=None)
 
 
 def _to_rgb_array(image: PIL.Image.Image, image_size: int | None) -> np.ndarray:
@@ -79,26 +88,26 @@ def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray
       raise DataError(
           f'Images in {where} differ in size: {names[0]} is '
           f'{images[0].shape[:2]}, {name} is {image.shape[:2]}; set '
-          '`image_size` (--config.data.image_size) to resize them all.')
+          '`image_size` to resize them all.', argument='image_size')
   return np.stack(images)
 
 
 def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
   """Reads `<split>/<class>/<image>`, optionally wrapped in one directory."""
   if not path:
-    raise DataError("The folder source needs `path` (--config.data.path), a "
-                    'directory or .tar.gz archive of <split>/<class>/*.jpg.')
+    raise DataError('The folder source needs `path`, a directory or .tar.gz '
+                    'archive of <split>/<class>/*.jpg.', argument='path')
   if not os.path.exists(path):
-    raise DataError(f'Data path {path!r} does not exist; fix '
-                    '--config.data.path (relative paths start at the cwd, '
-                    f'{os.getcwd()}).')
+    raise DataError(f'Data path {path!r} does not exist (looked in '
+                    f'{os.path.dirname(os.path.abspath(path))}; relative paths start '
+                    f'at the working directory {os.getcwd()}).', argument='path')
   if os.path.isdir(path):
     found, dirs = _scan_directory(path)
   elif path.endswith(_ARCHIVE_SUFFIXES):
     found, dirs = _scan_archive(path, split)
   else:
     raise DataError(f'Data path {path!r} is neither a directory nor a '
-                    f'{"/".join(_ARCHIVE_SUFFIXES)} archive.')
+                    f'{"/".join(_ARCHIVE_SUFFIXES)} archive.', argument='path')
 
   # One wrapping directory iff every image sits one level deeper below it.
   root = ()
@@ -119,7 +128,7 @@ def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
   class_names = tuple(sorted(d[-1] for d in dirs if d[:-1] == root + (split,)))
   label_of = {c: i for i, c in enumerate(class_names)}
   images, names = [], []
-  for parts, data in found:
+  for parts, data in _progress(found, f'decoding {split!r}'):
     names.append('/'.join(parts))
     try:
       with PIL.Image.open(io.BytesIO(data())) as image:
@@ -182,8 +191,7 @@ def _load_tfds(name: str, split: str, image_size: int | None,
   unprepared dataset is an error unless `download` is set.
   """
   if not name:
-    raise DataError("The tfds source needs `name` (--config.data.name), e.g. "
-                    "'cifar100'.")
+    raise DataError("The tfds source needs `name`, e.g. 'cifar100'.", argument='name')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -191,7 +199,7 @@ def _load_tfds(name: str, split: str, image_size: int | None,
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'Unknown TFDS dataset {name!r} (no such builder, nor '
                     f'prepared data under data_dir {data_dir!r}); check '
-                    '--config.data.name against tfds.list_builders().') from e
+                    '`name` against tfds.list_builders().', argument='name') from e
   root = data_dir or tfds.core.constants.get_default_data_dir()
   if not builder.is_prepared():
     if not download:
@@ -199,9 +207,8 @@ def _load_tfds(name: str, split: str, image_size: int | None,
           f'TFDS dataset {name!r} is not prepared in data_dir {root!r} '
           f'(looked for {builder.data_dir}). Either run `tfds build {name} '
           f'--data_dir={root} --file_format=array_record` on a machine with '
-          'internet and copy the result here, set '
-          '--config.data.download=True, or point --config.data.data_dir at '
-          'prepared data.')
+          'internet and copy the result here, set `download=True`, or point '
+          '`data_dir` at prepared data.', argument='data_dir')
     # array_record, unlike the default tfrecord, is readable without TF.
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     builder.download_and_prepare()
@@ -232,7 +239,8 @@ def _load_tfds(name: str, split: str, image_size: int | None,
     examples = tfds.as_numpy(builder.as_dataset(split=split))
 
   images, labels = [], []
-  for example in examples:
+  for example in _progress(examples, f'decoding {name} {split!r}',
+                           total=builder.info.splits[split].num_examples):
     image = example['image']
     if image.shape[-1] == 1:  # Grayscale, e.g. MNIST.
       image = image[..., 0]
@@ -256,8 +264,8 @@ def _synthetic(split: str, image_size: int | None, num_classes: int | None,
   for arg, value in (('num_classes', num_classes), ('image_size', image_size),
                      ('num_examples', num_examples)):
     if value is None or value < 1:
-      raise DataError(f'The synthetic source needs a positive {arg} '
-                      f'(--config.data.{arg}); got {value}.')
+      raise DataError(f'The synthetic source needs a positive {arg}; got {value}.',
+                      argument=arg)
   shape = (image_size, image_size, 3)
   templates = np.random.default_rng(seed).uniform(
       0, 255, (num_classes,) + shape).astype(np.float32)

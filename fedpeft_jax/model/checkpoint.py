@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ _NOT_IN_CHECKPOINT = ('adapter', 'prompt', 'lora_')
 _HEAD = 'head/'
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 _PRE_LOGITS = 'pre_logits/'
+_SHOWN = 5  # Keys named per kind of mismatch: the message stays one line.
 
 
 class CheckpointError(errors.UserError):
@@ -50,6 +52,71 @@ def interpolate_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
   return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
 
 
+def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """Every array's shape in an `.npz`, read from the headers alone (no data loaded)."""
+  if not os.path.isfile(path):
+    raise CheckpointError(
+        f'checkpoint {path!r} does not exist (looked in '
+        f'{os.path.dirname(os.path.abspath(path))}; relative paths start at the working '
+        f'directory {os.getcwd()}): give an official ViT .npz file (e.g. ViT-B_16.npz from '
+        "the vision_transformer release), or '' to train from random initialisation",
+        argument='path')
+  shapes = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for name in archive.namelist():
+        with archive.open(name) as member:
+          version = np.lib.format.read_magic(member)
+          read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)
+          shapes[name.removesuffix('.npy')] = read_header(member)[0]
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    raise CheckpointError(
+        f'checkpoint {path!r} is not a readable .npz file ({e}): a truncated download or '
+        'another format; download it again', argument='path') from None
+  return shapes
+
+
+def _keys_to_load(path: str, checkpoint_shapes: dict, model_shapes: dict) -> list[str]:
+  """The backbone keys to take from the checkpoint; raises naming every mismatch.
+
+  A `pre_logits` layer the model lacks is dropped with a warning; position
+  embeddings of another grid size are interpolated on loading.
+  """
+  has_pre_logits = any(k.startswith(_PRE_LOGITS) for k in model_shapes)
+  if not has_pre_logits and any(k.startswith(_PRE_LOGITS) for k in checkpoint_shapes):
+    logging.warning('%s has a pre_logits layer and the model has none '
+                    '(model.representation_size unset): dropping it.', path)
+  available = {k for k in checkpoint_shapes
+               if not k.startswith(_HEAD) and (has_pre_logits or not k.startswith(_PRE_LOGITS))}
+  expected = {k for k in model_shapes if not _is_new(k)}
+  missing = sorted(expected - available)
+  unexpected = sorted(available - expected)
+  interpolated = lambda k: (k == _POSEMB and
+                            checkpoint_shapes[k][-1] == model_shapes[k][-1])
+  misshaped = sorted(f'{k}: checkpoint {checkpoint_shapes[k]} vs model {model_shapes[k]}'
+                     for k in expected & available
+                     if tuple(checkpoint_shapes[k]) != tuple(model_shapes[k])
+                     and not interpolated(k))
+  if missing or unexpected or misshaped:
+    groups = [f'{title} ({len(keys)}): ' + ', '.join(keys[:_SHOWN])
+              + (f' and {len(keys) - _SHOWN} more' if len(keys) > _SHOWN else '')
+              for title, keys in (('missing', missing), ('unexpected', unexpected),
+                                  ('mis-shaped', misshaped)) if keys]
+    raise CheckpointError(
+        f'checkpoint {path} does not match the model (give the checkpoint of this model '
+        'size, or set the model size and representation size to the checkpoint\'s): '
+        + '; '.join(groups), argument='path')
+  return sorted(expected)
+
+
+def check_compatible(path: str, abstract_params) -> None:
+  """Raises what `load_pretrained` would, reading only the file's headers: cheap at launch."""
+  model_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params,
+                                                                    sep='/').items()}
+  _keys_to_load(path, read_shapes(path), model_shapes)
+
+
 def load_pretrained(path: str, init_params):
   """Returns `init_params` with every backbone leaf replaced from `path`.
 
@@ -58,44 +125,16 @@ def load_pretrained(path: str, init_params):
     init_params: freshly initialised parameters (arrays or ShapeDtypeStructs
       are not enough: the head and PEFT leaves keep these values).
   Raises:
-    CheckpointError naming every missing, unexpected and mis-shaped key.
+    CheckpointError naming every missing, unexpected and mis-shaped key, or an
+    unreadable file.
   """
-  if not os.path.exists(path):
-    raise CheckpointError(
-        f'checkpoint {path!r} does not exist: set --config.model.checkpoint to an '
-        'official ViT .npz file (e.g. ViT-B_16.npz from the vision_transformer '
-        "release) or to '' to train from random initialisation")
-  with np.load(path) as f:
-    ckpt = {k: f[k] for k in f.files}
   flat = traverse_util.flatten_dict(init_params, sep='/')
-
-  has_pre_logits = any(k.startswith(_PRE_LOGITS) for k in flat)
-  if not has_pre_logits and any(k.startswith(_PRE_LOGITS) for k in ckpt):
-    logging.warning('%s has a pre_logits layer and the model has none '
-                    '(model.representation_size unset): dropping it.', path)
-    ckpt = {k: v for k, v in ckpt.items() if not k.startswith(_PRE_LOGITS)}
-  ckpt = {k: v for k, v in ckpt.items() if not k.startswith(_HEAD)}
-
-  expected = {k for k in flat if not _is_new(k)}
-  missing = sorted(expected - ckpt.keys())
-  unexpected = sorted(ckpt.keys() - expected)
-  if _POSEMB in ckpt and _POSEMB in flat:
-    want = flat[_POSEMB].shape
-    if ckpt[_POSEMB].shape != want and ckpt[_POSEMB].shape[-1] == want[-1]:
-      logging.info('Interpolating position embeddings %s -> %s',
-                   ckpt[_POSEMB].shape, want)
-      ckpt[_POSEMB] = interpolate_posemb(ckpt[_POSEMB], want[1])
-  misshaped = sorted(f'{k}: checkpoint {ckpt[k].shape} vs model {flat[k].shape}'
-                     for k in expected & ckpt.keys() if ckpt[k].shape != flat[k].shape)
-  if missing or unexpected or misshaped:
-    lines = [f'checkpoint {path} does not match the model '
-             '(check model.name and model.representation_size):']
-    for title, keys in (('missing', missing), ('unexpected', unexpected),
-                        ('mis-shaped', misshaped)):
-      if keys:
-        lines.append(f'  {title} ({len(keys)}): ' + ', '.join(keys))
-    raise CheckpointError('\n'.join(lines))
-
-  for k in expected:
-    flat[k] = jnp.asarray(ckpt[k], dtype=flat[k].dtype)
+  keys = _keys_to_load(path, read_shapes(path), {k: v.shape for k, v in flat.items()})
+  with np.load(path) as f:
+    for k in keys:
+      value = f[k]
+      if k == _POSEMB and value.shape != flat[k].shape:
+        logging.info('Interpolating position embeddings %s -> %s', value.shape, flat[k].shape)
+        value = interpolate_posemb(value, flat[k].shape[1])
+      flat[k] = jnp.asarray(value, dtype=flat[k].dtype)
   return traverse_util.unflatten_dict(flat, sep='/')

@@ -1,0 +1,4 @@
+"""One experiment: `build` (config -> everything a run needs), `loop` (rounds and
+callbacks), `callbacks` (evaluation, traffic, privacy, logs, checkpoints),
+`train` (the wiring a launch runs) and `reports` (masks and privacy, no training).
+"""

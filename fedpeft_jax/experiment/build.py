@@ -1,0 +1,299 @@
+"""Config -> everything a run needs: model, trainable/frozen trees, data, clients, algorithm.
+
+Each piece is a public function so that benchmarks and notebooks build exactly
+what training builds; `build` puts them together. This is the one place that
+maps config keys onto library arguments, so library errors about an argument
+are reported against its `--config.` key here (`validation.config_keys`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedpeft_jax import peft
+from fedpeft_jax import validation
+from fedpeft_jax.data import partition as partition_lib
+from fedpeft_jax.data import preprocess
+from fedpeft_jax.data import sources
+from fedpeft_jax.experiment import console
+from fedpeft_jax.federated import aggregators
+from fedpeft_jax.federated import client as client_lib
+from fedpeft_jax.federated import fedavg
+from fedpeft_jax.model import checkpoint as checkpoint_lib
+from fedpeft_jax.model import vit
+from fedpeft_jax.privacy import accounting
+
+PyTree = Any
+
+
+def build_model(config, method: str | None = None) -> vit.VisionTransformer:
+  p = config.peft
+  modules = peft.modules_for(
+      method or p.method, adapter_reduction=p.adapter_reduction,
+      adapter_shared=p.adapter_shared, prompt_tokens=p.prompt_tokens,
+      prompt_deep=p.prompt_deep, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha)
+  return vit.VisionTransformer(
+      vit.SIZES[config.model.name], config.data.num_classes, modules,
+      representation_size=config.model.representation_size,
+      dtype=jnp.dtype(config.model.dtype), attention=config.model.attention or None)
+
+
+def _dummy_images(config):
+  return jnp.zeros((1, config.model.image_size, config.model.image_size, 3), jnp.float32)
+
+
+def abstract_params(config, model):
+  return jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))['params']
+
+
+def check_pretrained(config, model) -> None:
+  """The checkpoint file opens and matches the model: read from its headers, no weights."""
+  if config.model.checkpoint:
+    with validation.config_keys(config, path='model.checkpoint'):
+      checkpoint_lib.check_compatible(config.model.checkpoint, abstract_params(config, model))
+
+
+def init_params(config, model, rng):
+  params = jax.jit(model.init)(rng, _dummy_images(config))['params']
+  if config.model.checkpoint:
+    with validation.config_keys(config, path='model.checkpoint'):
+      params = checkpoint_lib.load_pretrained(config.model.checkpoint, params)
+  return params
+
+
+def load_data(config, split: str) -> sources.Dataset:
+  d = config.data
+  synthetic = d.source == 'synthetic'
+  is_train = split == d.train_split
+  num_examples = d.num_train_examples if is_train else d.num_test_examples
+  # Synthetic images are made at the model's size unless told otherwise.
+  image_size = d.storage_size or (config.model.image_size if synthetic else None)
+  keys = dict(source='data.source', name='data.name', path='data.path',
+              data_dir='data.data_dir', num_classes='data.num_classes',
+              image_size='data.storage_size',
+              split='data.train_split' if is_train else 'data.test_split',
+              num_examples='data.num_train_examples' if is_train else 'data.num_test_examples')
+  with validation.config_keys(config, **keys), console.phase(f'loading {split!r} data'):
+    return sources.load(
+        d.source, name=d.name, path=d.path, split=split, image_size=image_size,
+        data_dir=d.data_dir, download=d.download, num_classes=d.num_classes,
+        num_examples=num_examples if synthetic else None, seed=config.seed)
+
+
+def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
+  train_set = load_data(config, config.data.train_split)
+  with validation.config_keys(config, alpha='data.alpha', min_size='data.min_client_size',
+                              num_clients='fl.num_clients'):
+    client_indices = partition_lib.partition(
+        train_set.labels, method=config.data.partition, num_clients=config.fl.num_clients,
+        seed=config.seed, alpha=config.data.alpha, min_size=config.data.min_client_size)
+  return train_set, client_indices
+
+
+def make_loss_fn(model, image_size: int):
+  def loss_fn(trainable, frozen, batch, rng):
+    images = preprocess.train_images(rng, batch['image'], image_size)
+    logits = model.apply({'params': peft.merge(trainable, frozen)}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  return loss_fn
+
+
+def head_features(model, frozen, images: np.ndarray, image_size: int, batch_size: int):
+  """The frozen backbone's output for every example, computed once.
+
+  Head tuning never changes the backbone, so caching its features turns each
+  local step into a linear layer. The cost: no per-step augmentation.
+  """
+  featurize = jax.jit(lambda x: model.clone(features_only=True).apply(
+      {'params': frozen}, preprocess.eval_images(x, image_size)))
+  return jnp.concatenate([featurize(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
+
+def head_loss_fn(trainable, frozen, batch, rng):
+  """The classifier head on cached features (see `head_features`)."""
+  head = trainable['head']
+  logits = batch['feature'] @ head['kernel'] + head['bias']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+
+
+def make_evaluate(model, image_size: int, batch_size: int):
+  """A jitted `evaluate(trainable, frozen, images, labels) -> accuracy` and its `pad`.
+
+  The test set is padded to whole batches on the host once and scanned on
+  device, so evaluation compiles once and never leaves the accelerator.
+  """
+  @jax.jit
+  def evaluate(trainable, frozen, images, labels):
+    params = peft.merge(trainable, frozen)
+
+    def correct(batch):
+      x, y = batch
+      logits = model.apply({'params': params}, preprocess.eval_images(x, image_size))
+      return jnp.sum((jnp.argmax(logits, -1) == y) & (y >= 0))
+
+    hits = jax.lax.map(correct, (images.reshape((-1, batch_size) + images.shape[1:]),
+                                 labels.reshape(-1, batch_size)))
+    return hits.sum() / jnp.sum(labels >= 0)
+
+  def pad(dataset: sources.Dataset):
+    """Pads to whole batches; padded labels are -1 and never count."""
+    extra = -len(dataset) % batch_size
+    images = np.concatenate([dataset.images, np.zeros((extra,) + dataset.images.shape[1:],
+                                                      np.uint8)])
+    labels = np.concatenate([dataset.labels, -np.ones(extra, np.int32)])
+    return jnp.asarray(images), jnp.asarray(labels)
+
+  return evaluate, pad
+
+
+def privacy_spec(config, client_sizes=()) -> accounting.PrivacySpec | None:
+  """The run's privacy mechanism, its noise calibrated if a target epsilon is set."""
+  dp, fl = config.dp, config.fl
+  if dp.mode == 'none':
+    return None
+  spec = accounting.PrivacySpec(
+      mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=fl.rounds,
+      accountant=dp.accountant, sampling=dp.sampling, num_clients=fl.num_clients,
+      clients_per_round=fl.clients_per_round, client_sizes=tuple(client_sizes),
+      batch_size=fl.batch_size, local_epochs=fl.local_epochs)
+  if dp.target_epsilon is not None:
+    with validation.config_keys(config, target_epsilon='dp.target_epsilon'):
+      spec = dataclasses.replace(
+          spec, noise_multiplier=accounting.calibrate_noise(spec, dp.target_epsilon))
+  return spec
+
+
+def client_mesh(config) -> jax.sharding.Mesh | None:
+  """All devices (of all hosts) along one 'clients' axis, if there is more than one."""
+  if not config.fl.shard_clients or jax.device_count() == 1:
+    return None
+  return jax.sharding.Mesh(np.array(jax.devices()), ('clients',))
+
+
+def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
+                    loss_fn=None, client_chunk: int | None = None) -> fedavg.FederatedAlgorithm:
+  fl, o, dp = config.fl, config.optim, config.dp
+  aggregator = aggregators.weighted_mean(
+      by_examples=validation.aggregation(config) == 'weighted')
+  sample_dp, sampling = None, 'fixed'
+  if dp.mode == 'client':
+    sampling = dp.sampling
+    aggregator = aggregators.dp_fedavg(
+        clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
+        expected_clients=fl.clients_per_round, adaptive=dp.adaptive_clip,
+        target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
+        clipped_count_stddev=validation.clipped_count_stddev(config))
+  elif dp.mode == 'sample':
+    sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
+  with validation.config_keys(config, client_chunk='fl.client_chunk'):
+    return fedavg.fedavg(
+        loss_fn or make_loss_fn(model, config.model.image_size),
+        client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
+        num_epochs=fl.local_epochs, batch_size=fl.batch_size, max_examples=max_examples,
+        clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
+        client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling,
+        dropout_prob=fl.dropout_prob, aggregator=aggregator,
+        server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
+        mesh=client_mesh(config))
+
+
+def auto_client_chunk(config, build, state, args) -> int | None:
+  """fl.client_chunk=0 on an accelerator: as many clients at once as memory allows.
+
+  Compiles the round with one client in flight and reads XLA's memory analysis:
+  its temporaries bound one client's activations, gradients and optimizer state.
+  Hosts without memory statistics (CPUs) run every client at once.
+  """
+  stats = jax.local_devices()[0].memory_stats()
+  if config.fl.client_chunk or not stats or 'bytes_limit' not in stats:
+    return None
+  mesh = client_mesh(config)
+  devices = mesh.size if mesh is not None else 1
+  analysis = jax.jit(build(devices).apply).lower(state, *args).compile().memory_analysis()
+  per_client = analysis.temp_size_in_bytes / devices
+  capacity = (config.fl.num_clients if config.dp.mode == 'client' and
+              config.dp.sampling == 'poisson' else config.fl.clients_per_round)
+  available = 0.8 * (stats['bytes_limit'] - analysis.argument_size_in_bytes)
+  with validation.config_keys(config, client_chunk='fl.client_chunk'):
+    chunk = fedavg.chunk_for_memory(capacity, int(per_client), int(available * devices),
+                                    devices)
+  console.say(f'fl.client_chunk=0: {chunk} clients at once ({per_client / 2**30:.2f} GiB '
+              f'each, {available / 2**30:.1f} GiB free)')
+  return chunk
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built from its config; the loop sees only `state` and `round`."""
+  config: ml_collections.ConfigDict
+  model: vit.VisionTransformer
+  algorithm: fedavg.FederatedAlgorithm
+  state: fedavg.ServerState  # The initial server state (before any resume).
+  frozen: PyTree  # The only copy of the backbone.
+  dataset: dict  # Every client's examples, on device; clients index into it.
+  table: fedavg.ClientTable
+  client_sizes: list[int]
+  num_trainable: int
+  privacy: accounting.PrivacySpec | None
+  evaluate: Callable[[PyTree], float]  # Global trainable parameters -> test accuracy.
+
+  def compile_round(self, state: fedavg.ServerState):
+    """The round as one compiled function of the server state, compiled now, not in round 1."""
+    args = (self.frozen, self.dataset, self.table)
+    with console.phase('compiling the round'):
+      compiled = jax.jit(self.algorithm.apply, donate_argnums=0).lower(state, *args).compile()
+    return lambda s: compiled(s, *args)
+
+
+def build(config) -> Experiment:
+  """Builds a run's experiment from its (validated) config: data, model, algorithm."""
+  init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
+  train_set, client_indices = load_partition(config)
+  test_set = load_data(config, config.data.test_split)
+  client_sizes = [len(ids) for ids in client_indices]
+  privacy = privacy_spec(config, client_sizes)
+  table = fedavg.ClientTable.from_partition(client_indices)
+  dataset = {'image': jnp.asarray(train_set.images), 'label': jnp.asarray(train_set.labels)}
+
+  model = build_model(config)
+  with console.phase('initialising the model' + (
+      f' from {config.model.checkpoint}' if config.model.checkpoint else '')):
+    params = init_params(config, model, init_rng)
+  trainable, frozen = peft.split(params, peft.labels(config.peft.method, params))
+  del params  # The frozen tree is the only copy of the backbone.
+  num_trainable = peft.count(trainable)
+  console.say(f'{config.peft.method}: {num_trainable:,} trainable of '
+              f'{num_trainable + peft.count(frozen):,} parameters; {table.num_clients} '
+              f'clients of {min(client_sizes)}..{table.max_examples} examples')
+
+  if config.model.frozen_dtype:  # Halves backbone memory and traffic to the MXU/tensor cores.
+    frozen = jax.tree.map(lambda x: x.astype(config.model.frozen_dtype), frozen)
+  loss_fn = None
+  if config.peft.method == 'head' and config.peft.cache_head_features:
+    with console.phase(f'computing head features of {len(train_set):,} images'):
+      features = jax.block_until_ready(head_features(
+          model, frozen, train_set.images, config.model.image_size, config.eval.batch_size))
+    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, head_loss_fn
+  build_for = lambda chunk: build_algorithm(config, model, table.max_examples, privacy,
+                                            loss_fn, chunk)
+  algorithm = build_for(None)
+  state = algorithm.init(trainable, run_rng)
+  chunk = auto_client_chunk(config, build_for, state, (frozen, dataset, table))
+  if chunk:
+    algorithm = build_for(chunk)
+
+  evaluate_fn, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
+  test_images, test_labels = pad(test_set)
+  with console.phase('compiling evaluation'):
+    evaluate_compiled = evaluate_fn.lower(trainable, frozen, test_images, test_labels).compile()
+  evaluate = lambda trainable: float(evaluate_compiled(trainable, frozen, test_images,
+                                                       test_labels))
+  return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
+                    num_trainable, privacy, evaluate)

@@ -1,0 +1,274 @@
+"""What a run does around its rounds, one callback each (see `loop.Callback`).
+
+In the order a run uses them: `Traffic`, `RoundSummary`, `StopIfAllNonFinite`,
+`Evaluation`, `Privacy`, `RoundClock` add to each round's record; `MetricsLog`,
+`TensorBoard` and `Console` write it; `Checkpoint` saves the server state with
+every stateful callback's running values; `ExportTrainable` writes the result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from fedpeft_jax import resume
+from fedpeft_jax.experiment import console
+from fedpeft_jax.experiment import loop
+from fedpeft_jax.privacy import accounting
+
+BYTES_PER_PARAM = 4  # Trainable parameters travel as float32.
+MIB = 2**20
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on; the last good checkpoint is intact."""
+
+
+def tree_sha256(tree) -> str:
+  """A digest of a parameter tree's paths and bytes: equal digests, equal parameters."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(traverse_util.flatten_dict(tree, sep='/').items()):
+    digest.update(path.encode())
+    digest.update(np.asarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+class Traffic(loop.Stateful):
+  """Bytes on the wire: the model goes down to every sampled client, updates come up
+  from those that report."""
+  name = 'traffic'
+
+  def __init__(self, num_trainable: int):
+    self.bytes_per_transfer = BYTES_PER_PARAM * num_trainable
+    self.bytes_cumulative = 0
+
+  def on_round_end(self, round_index, state, metrics, record):
+    down = self.bytes_per_transfer * int(metrics.num_sampled)
+    up = self.bytes_per_transfer * int(metrics.num_reported)
+    self.bytes_cumulative += up + down
+    record.update(bytes_up=up, bytes_down=down, bytes_cumulative=self.bytes_cumulative)
+
+  def state_dict(self):
+    return {'bytes_cumulative': self.bytes_cumulative}
+
+  def load_state_dict(self, saved):
+    self.bytes_cumulative = saved['bytes_cumulative']
+
+
+class RoundSummary(loop.Callback):
+  """Who took part, the local training loss and a digest of the new global parameters."""
+
+  def __init__(self, num_trainable: int):
+    self.num_trainable = num_trainable
+
+  def on_round_end(self, round_index, state, metrics, record):
+    record.update(
+        train_loss=float(metrics.train_loss),
+        clients=[int(c) for c in metrics.clients if c >= 0],
+        clients_reported=int(metrics.num_reported),
+        clients_nonfinite=int(metrics.num_nonfinite),
+        trainable_params=self.num_trainable,
+        trainable_sha256=tree_sha256(state.trainable))
+
+
+class StopIfAllNonFinite(loop.Callback):
+  """Every reporting client sent NaN or Inf: lowering the learning rate is the fix, and
+  the round's checkpoint is not written, so the last good one stays the latest."""
+
+  def __init__(self, checkpoint_dir: str):
+    self.checkpoint_dir = checkpoint_dir
+
+  def on_round_end(self, round_index, state, metrics, record):
+    if int(metrics.num_reported) == 0 and int(metrics.num_nonfinite):
+      raise TrainingError(
+          f'round {round_index}: every reporting client ({int(metrics.num_nonfinite)}) '
+          f'sent a NaN or Inf update; the last good checkpoint in {self.checkpoint_dir} '
+          'is intact. Lower --config.optim.lr or check the data')
+
+
+def is_due(round_index: int, every: int, rounds: int) -> bool:
+  """Periodic work (evaluation, checkpoints) runs every `every` rounds and at the end."""
+  return round_index % every == 0 or round_index == rounds
+
+
+class Evaluation(loop.Callback):
+  """Server test accuracy every `every` rounds and after the last."""
+
+  def __init__(self, evaluate: Callable[[Any], float], every: int, rounds: int):
+    self.evaluate, self.every, self.rounds = evaluate, every, rounds
+
+  def on_round_end(self, round_index, state, metrics, record):
+    if is_due(round_index, self.every, self.rounds):
+      record['test_accuracy'] = self.evaluate(state.trainable)
+
+
+class Privacy(loop.Callback):
+  """Epsilon spent so far (on evaluated rounds: accounting is not free) and the noise."""
+
+  def __init__(self, spec: accounting.PrivacySpec, every: int, rounds: int):
+    self.spec, self.every, self.rounds = spec, every, rounds
+
+  def on_round_end(self, round_index, state, metrics, record):
+    if not is_due(round_index, self.every, self.rounds):
+      return
+    record.update(epsilon=accounting.epsilon(self.spec, round_index),
+                  noise_multiplier=self.spec.noise_multiplier)
+    if 'clip_norm' in metrics.aggregator:
+      record['clip_norm'] = float(metrics.aggregator['clip_norm'])
+    if 'clipped_fraction' in metrics.aggregator:
+      record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+
+
+class RoundClock(loop.Stateful):
+  """`round_s`: this round's seconds; `wall_s`: the run's, across restarts.
+
+  The round is compiled before the loop starts, so no round's time includes it.
+  """
+  name = 'clock'
+
+  def __init__(self):
+    self.offset = 0.0
+
+  def on_run_start(self, state):
+    self.start = self.last = time.perf_counter()
+
+  def on_round_end(self, round_index, state, metrics, record):
+    now = time.perf_counter()
+    record.update(round_s=now - self.last, wall_s=self.offset + now - self.start)
+    self.last = now
+
+  def state_dict(self):
+    return {'wall_s': self.offset + self.last - self.start}
+
+  def load_state_dict(self, saved):
+    self.offset = saved['wall_s']
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog(loop.Callback):
+  """One JSON line a round in `path`; rounds after the checkpoint a run resumes from are
+  dropped first, since they run again."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def on_run_start(self, state):
+    done = int(state.round)
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:  # A kill mid-write can leave a partial last line.
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            break
+          if record['round'] > done:
+            break
+          kept.append(line)
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+    self.file = open(self.path, 'a')
+
+  def on_round_end(self, round_index, state, metrics, record):
+    self.file.write(json.dumps(record) + '\n')
+    self.file.flush()
+
+  def on_run_end(self, state):
+    self.file.close()
+
+
+# Record keys -> TensorBoard tags, and the factor each value is scaled by.
+TENSORBOARD_TAGS = {
+    'test_accuracy': ('accuracy/test', 1),
+    'train_loss': ('loss/train', 1),
+    'bytes_cumulative': ('traffic/sent_MiB', 1 / MIB),
+    'clients_reported': ('clients/reported', 1),
+    'epsilon': ('privacy/epsilon', 1),
+    'clipped_fraction': ('privacy/clipped_fraction', 1),
+    'round_s': ('time/seconds_per_round', 1),
+}
+
+
+class TensorBoard(loop.Callback):
+  """Scalars of every round in `logdir`, as TensorBoard event files (tensorboardX: no
+  TensorFlow needed). On resume, steps after the checkpoint are purged from view."""
+
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+
+  def on_run_start(self, state):
+    import tensorboardX  # Imported late: only runs that log pay for it.
+    done = int(state.round)
+    self.writer = tensorboardX.SummaryWriter(  # One file per start: a restart adds one.
+        self.logdir, purge_step=done + 1 if done else None,
+        filename_suffix=f'.from_round_{done + 1}')
+
+  def on_round_end(self, round_index, state, metrics, record):
+    for key, (tag, scale) in TENSORBOARD_TAGS.items():
+      if record.get(key) is not None:
+        self.writer.add_scalar(tag, record[key] * scale, round_index)
+    self.writer.flush()
+
+  def on_run_end(self, state):
+    self.writer.close()
+
+
+class Console(loop.Callback):
+  """A progress line every round: accuracy (when evaluated), loss, traffic, time, ETA."""
+
+  def __init__(self, rounds: int):
+    self.rounds = rounds
+
+  def on_run_start(self, state):
+    self.seconds = []
+
+  def on_round_end(self, round_index, state, metrics, record):
+    self.seconds.append(record['round_s'])
+    if record['clients_reported'] == 0 and not record['clients_nonfinite']:
+      console.say(f'round {round_index}: no sampled client reported '
+                  f'({int(metrics.num_sampled)} sampled)')
+    accuracy = record.get('test_accuracy')
+    line = (f'round {round_index:4d}/{self.rounds}  '
+            + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
+            + (f'  eps {record["epsilon"]:.3g}' if 'epsilon' in record else '')
+            + f'  loss {record["train_loss"]:.4f}'
+            f'  sent {record["bytes_cumulative"] / MIB:.2f} MiB'
+            f'  {record["round_s"]:.1f} s/round'
+            f'  eta {np.mean(self.seconds) * (self.rounds - round_index):.0f} s')
+    console.say(line)
+
+
+class Checkpoint(loop.Callback):
+  """Saves the server state and every stateful callback's values every `every` rounds
+  and after the last, so a restart continues exactly."""
+
+  def __init__(self, checkpointer: resume.RunCheckpointer, config, every: int, rounds: int,
+               stateful: Sequence[loop.Stateful]):
+    self.checkpointer, self.config = checkpointer, config
+    self.every, self.rounds, self.stateful = every, rounds, stateful
+
+  def on_round_end(self, round_index, state, metrics, record):
+    if is_due(round_index, self.every, self.rounds):
+      self.checkpointer.save(state, {c.name: c.state_dict() for c in self.stateful},
+                             self.config)
+
+
+class ExportTrainable(loop.Callback):
+  """The trained parameters as an official-layout `.npz`, written when the run ends."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def on_run_end(self, state):
+    resume.export_trainable(self.path, state.trainable)

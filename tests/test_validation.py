@@ -1,0 +1,93 @@
+"""Every config value is checked at launch; library errors reach the user as config keys."""
+import re
+
+import pytest
+
+from fedpeft_jax import configs, validation
+from fedpeft_jax.data import sources
+from fedpeft_jax.experiment import build
+from tests.conftest import REPO, tiny_config
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('fl.clients_per_round', 9, 'must be <= fl.num_clients (8)'),
+    ('data.alpha', 0.0, 'must be > 0'),
+    ('data.alpha', -1.0, 'must be > 0'),
+    ('fl.rounds', 0, 'must be > 0'),
+    ('fl.local_epochs', -1, 'must be > 0'),
+    ('fl.batch_size', 0, 'must be > 0'),
+    ('optim.lr', 0.0, 'must be > 0'),
+    ('peft.method', 'bitfit', 'must be one of full, head, bias'),
+    ('data.source', 'hub', 'must be one of folder, tfds, synthetic'),
+    ('model.name', 'vit_h14', 'must be one of vit_b16'),
+    ('model.image_size', 18, 'must be divisible by the patch size 4'),
+    ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),
+    ('data.partition', 'shards', 'must be one of iid, dirichlet'),
+    ('fl.dropout_prob', 1.0, 'must be in [0, 1)'),
+])
+def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
+  config = tiny_config()
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate(config)
+  assert str(e.value).startswith(f'--config.{key}={value!r}: ')
+  assert needle in str(e.value)
+
+
+def test_unknown_tfds_name_and_missing_folder_are_caught_before_loading():
+  config = tiny_config()
+  config.data.source = 'tfds'
+  config.data.name = 'cifar1000'
+  with pytest.raises(validation.ConfigError, match='not a TFDS dataset name'):
+    validation.validate(config)
+  config.data.source, config.data.path = 'folder', '/nonexistent/data'
+  with pytest.raises(validation.ConfigError, match='data.path'):
+    validation.validate(config)
+
+
+def test_a_library_error_about_an_argument_is_reported_against_its_config_key(tmp_path):
+  config = tiny_config()
+  config.data.source, config.data.path = 'folder', str(tmp_path / 'missing.tar.gz')
+  with pytest.raises(validation.ConfigError) as e:
+    build.load_data(config, 'train')
+  message = str(e.value)
+  assert message.startswith(f"--config.data.path='{tmp_path / 'missing.tar.gz'}': ")
+  assert str(tmp_path) in message and 'working directory' in message
+  # The library itself names its own argument, not a config key.
+  with pytest.raises(sources.DataError) as raw:
+    sources.load('folder', path=str(tmp_path / 'missing.tar.gz'), split='train')
+  assert raw.value.argument == 'path' and '--config' not in str(raw.value)
+
+
+def test_an_error_about_an_unmapped_argument_passes_through_unchanged():
+  config = tiny_config()
+  with pytest.raises(sources.DataError, match='Unknown data source'):
+    with validation.config_keys(config, path='data.path'):
+      sources.load('nowhere', split='train')
+
+
+def test_every_config_key_an_error_message_names_exists():
+  keys = set(configs.flat_config(configs.base_config()))
+  named = set()
+  for path in list((REPO / 'fedpeft_jax').rglob('*.py')) + [REPO / 'launch.py']:
+    named |= {(path.name, key) for key in
+              re.findall(r'--config\.([a-z_]+\.[a-z_]+)', path.read_text())}
+  assert len(named) >= 3, named  # The scan finds the messages it checks.
+  assert not {(f, k) for f, k in named if k not in keys}
+
+
+@pytest.mark.parametrize('dp,aggregation,ok', [
+    ('client', 'auto', True), ('client', 'uniform', True), ('client', 'weighted', False),
+    ('none', 'auto', True), ('none', 'weighted', True)])
+def test_dp_mode_client_alone_aggregates_uniformly_and_refuses_explicit_weights(
+    dp, aggregation, ok):
+  config = tiny_config(f'bias,dp={dp}')
+  config.fl.aggregation = aggregation
+  if ok:
+    validation.validate(config)
+    assert validation.aggregation(config) == (
+        'uniform' if dp == 'client' or aggregation == 'uniform' else 'weighted')
+  else:
+    with pytest.raises(validation.ConfigError, match="fl.aggregation='weighted'"):
+      validation.validate(config)
