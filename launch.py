@@ -6,6 +6,7 @@ r"""Runs a FedPEFT experiment from an ml_collections config.
       --workdir=/tmp/masks
   python launch.py --config=experiments/pcam_vit_ti4.py:bias,dp=client --mode=privacy \
       --workdir=/tmp/dp --config.dp.target_epsilon=8
+  python launch.py --mode=report --workdir=runs/sweep
 
 A user's mistake (a bad flag or config value, a missing or broken file, a busy
 workdir) ends the run before any work with one line naming it and the fix, and
@@ -27,7 +28,10 @@ from fedpeft_jax import resume
 from fedpeft_jax import validation
 from fedpeft_jax.experiment import build
 from fedpeft_jax.experiment import callbacks
+from fedpeft_jax.experiment import multihost
 from fedpeft_jax.experiment import reports
+from fedpeft_jax.experiment import results
+from fedpeft_jax.experiment import sweep
 from fedpeft_jax.experiment import train
 from fedpeft_jax.experiment import workdir as workdir_lib
 
@@ -38,14 +42,30 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written '
                                '(not needed by --mode=config).')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'masks', 'privacy', 'config'],
-    'train: run (or resume) the experiment; masks: trainable parameters of every PEFT '
-    'method (no data, no weights); privacy: the epsilon the configured run will deliver '
-    '(trains nothing); config: print every config key with its value.')
+    'mode', 'train', ['train', 'sweep', 'masks', 'privacy', 'config', 'report'],
+    'train: run (or resume) the experiment; sweep: run (or resume) every point the config '
+    "file's get_sweep() declares, each in WORKDIR/<point>; masks: trainable parameters of "
+    'every PEFT method, or of a comma list in --config.peft.method (no data, no weights); '
+    'privacy: the epsilon the configured run will deliver (trains nothing); config: print '
+    'every config key with its value; report: tables and figures of the runs under '
+    '--workdir (needs no --config).')
+_TARGET_ACCURACY = flags.DEFINE_float(
+    'target_accuracy', None, '--mode=report: the test accuracy (a fraction) to report the '
+    "MiB sent to reach; default: the runs' report.target_accuracy.")
+_SWEEP_DRY_RUN = flags.DEFINE_bool(
+    'sweep_dry_run', False, '--mode=sweep: print one launch.py command per point instead '
+    'of running them (to dispatch points to many machines).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Multi-host (TPU pod slice, multi-node GPU): call '
-    'jax.distributed.initialize() first; run the same command on every host.')
-flags.mark_flag_as_required('config')
+    'jax.distributed.initialize() first; run the same command on every host. TPU and '
+    'cluster environments are detected; elsewhere give the three flags below.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, '--distributed: HOST:PORT of process 0, e.g. '
+    'localhost:12345 or 10.0.0.2:12345 (the same on every process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      '--distributed: how many processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   '--distributed: this process, 0..num_processes-1.')
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -112,6 +132,43 @@ def print_config(config) -> None:
     print(f'--config.{key}={value!r}{note}')
 
 
+def _check_before_training(config) -> None:
+  """Everything checkable without the data: values, paths, the checkpoint's headers."""
+  validation.validate(config)
+  build.check_pretrained(config, build.build_model(config))
+
+
+def _sweep() -> None:
+  """Runs (or prints) every point of the config file's sweep, then writes the report."""
+  path, _, arg = flags.FLAGS['config'].config_filename.partition(':')
+  # Values set on the command line (--config.fl.rounds=3) apply to every point.
+  common = config_flags.get_override_values(flags.FLAGS['config'])
+  if _SWEEP_DRY_RUN.value:
+    module = sweep.load_module(path)
+    for point in sweep.points(module, path, arg):
+      print(sweep.command(path, point, common, _WORKDIR.value))
+    return
+  sweep.run(path, arg, common, _WORKDIR.value,
+            validate=lambda c: multihost.agree(lambda: _check_before_training(c)),
+            train=train.train)
+  if multihost.is_primary():
+    results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value)
+
+
+def _initialize_distributed() -> None:
+  given = [f for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+  if not given:
+    jax.distributed.initialize()  # TPU pods and clusters describe themselves.
+    return
+  if len(given) < 3:
+    _fail('--coordinator_address, --num_processes and --process_id go together: give all '
+          'three, or none where the environment is detected (TPU, Slurm)')
+  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+    _fail(f'--process_id={_PROCESS_ID.value}: must be in 0..{_NUM_PROCESSES.value - 1}')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
 def _last_checkpoint_line(workdir: str) -> str:
   step = resume.latest_round(workdir)
   if step is None:
@@ -125,26 +182,38 @@ def main(argv):
     _fail(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and XLA chatter only on request.
-  config = _load_config()
   mode = _MODE.value
+  if mode != 'report' and not flags.FLAGS['config'].present:
+    _fail(f'--mode={mode} needs --config=FILE')
+  config = _load_config() if mode != 'report' else None
   if mode == 'config':
     print_config(config)
     return
   if not _WORKDIR.value:
     _fail(f'--mode={mode} needs --workdir=DIR, where its outputs are written')
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    _initialize_distributed()
+  if mode in ('report', 'masks', 'privacy') and not multihost.is_primary():
+    return  # Reports are written once.
   try:
-    validation.validate(
-        config, needs_weights=mode == 'train',
-        needs_data=mode == 'train' or (mode == 'privacy' and config.dp.mode == 'sample'))
+    if mode == 'sweep':
+      _sweep()
+      return
+    if mode == 'report':  # Reads finished runs; needs no config.
+      results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value)
+      return
+    if mode == 'train':
+      multihost.agree(lambda: _check_before_training(config))
+    else:
+      validation.validate(config, needs_weights=False,
+                          needs_data=mode == 'privacy' and config.dp.mode == 'sample',
+                          method_list=mode == 'masks')
     workdir = workdir_lib.prepare(_WORKDIR.value)
     if mode == 'masks':
       reports.write_mask_report(config, workdir)
     elif mode == 'privacy':
       reports.write_privacy_report(config, workdir)
     else:
-      build.check_pretrained(config, build.build_model(config))
       train.train(config, workdir)
   except errors.UserError as e:
     _fail(str(e))
@@ -152,8 +221,9 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print(f'interrupted: {_last_checkpoint_line(os.path.abspath(_WORKDIR.value))}',
-          file=sys.stderr)
+    where = ('the same command resumes the sweep where it stopped' if mode == 'sweep' else
+             _last_checkpoint_line(os.path.abspath(_WORKDIR.value)))
+    print(f'interrupted: {where}', file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
 
 

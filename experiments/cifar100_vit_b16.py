@@ -13,3 +13,8 @@ def get_config(arg: str = 'bias'):
   c.data.num_classes = 100
   c.data.alpha = 0.1
   return c
+
+
+def get_sweep():
+  """The paper's grid: `launch.py --mode=sweep --config=THIS_FILE --workdir=ROOT`."""
+  return configs.paper_sweep()

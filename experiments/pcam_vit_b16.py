@@ -14,3 +14,8 @@ def get_config(arg: str = 'bias'):
   c.data.train_split = 'train[:20000]'
   c.data.alpha = 0.5
   return c
+
+
+def get_sweep():
+  """The paper's grid: `launch.py --mode=sweep --config=THIS_FILE --workdir=ROOT`."""
+  return configs.paper_sweep()

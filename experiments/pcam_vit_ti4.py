@@ -28,3 +28,8 @@ def get_config(arg: str = 'bias'):
   c.fl.batch_size = 32
   c.fl.eval_every = 5
   return c
+
+
+def get_sweep():
+  """Every method against full fine-tuning, 3 seeds: the README's testbed study."""
+  return configs.grid({'arg': list(configs.METHODS_COMPARED), 'seed': [0, 1, 2]})

@@ -16,3 +16,8 @@ def get_config(arg: str = 'bias'):
   c.data.storage_size = 224  # Stored at 256 px; kept on device at the model's size.
   c.data.alpha = 0.1
   return c
+
+
+def get_sweep():
+  """The paper's grid: `launch.py --mode=sweep --config=THIS_FILE --workdir=ROOT`."""
+  return configs.paper_sweep()

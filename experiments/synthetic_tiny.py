@@ -1,6 +1,7 @@
 """A seconds-long run on synthetic images with the test-size ViT: smoke tests and demos.
 
   python launch.py --config=experiments/synthetic_tiny.py:bias --workdir=/tmp/tiny
+  python launch.py --config=experiments/synthetic_tiny.py --mode=sweep --workdir=/tmp/sweep
 """
 from fedpeft_jax import configs
 
@@ -20,3 +21,8 @@ def get_config(arg: str = 'bias'):
   c.fl.batch_size = 16
   c.eval.batch_size = 32
   return c
+
+
+def get_sweep():
+  """2 methods x 2 seeds, in seconds: `--mode=sweep` smoke tests and demos."""
+  return configs.grid({'arg': ['head', 'bias'], 'seed': [0, 1]})

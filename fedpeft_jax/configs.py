@@ -1,6 +1,8 @@
 """Defaults shared by every experiment config; each `experiments/*.py` overrides them."""
 from __future__ import annotations
 
+import itertools
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -21,6 +23,27 @@ def learning_rate(method: str) -> float:
 
 
 DP_MODES = ('none', 'client', 'sample')
+METHODS_COMPARED = ('full', 'head', 'bias', 'adapter', 'prompt', 'lora')
+
+
+def grid(axes: dict[str, list]) -> list[dict]:
+  """Every combination of the axes' values, the last axis fastest: a sweep's points.
+
+  `grid({'arg': ['head', 'bias'], 'seed': [0, 1]})` ->
+  `[{'arg': 'head', 'seed': 0}, {'arg': 'head', 'seed': 1}, {'arg': 'bias', ...}, ...]`.
+  """
+  return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def paper_sweep(seeds=(0, 1, 2)) -> list[dict]:
+  """The paper's grid on one dataset: every method against full fine-tuning, across client
+  participation, IID and non-IID (the config's Dirichlet alpha) data, and DP, with seeds."""
+  return grid({
+      'arg': [f'{method},dp={dp},participation={participation}'
+              for method in METHODS_COMPARED for participation in ('0.125', '1.0')
+              for dp in DP_MODES],
+      'data.partition': ['dirichlet', 'iid'],
+      'seed': list(seeds)})
 
 
 def flat_config(config) -> dict:
@@ -114,6 +137,10 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.fl.batch_size = 64
   c.fl.eval_every = 1
   c.fl.client_chunk = 0  # Clients vmapped at once; 0: all of a round's clients.
+  # 'packed': a client's lane takes the next client when it is done, and steps narrow to
+  # the clients still training; 'padded': every client of a chunk computes as many steps
+  # as its largest. Same result; packed computes (nearly) only real examples.
+  c.fl.schedule = 'packed'
   c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
   # 'weighted' by example count, 'uniform', or 'auto': uniform under client DP, else weighted.
   c.fl.aggregation = 'auto'
@@ -146,4 +173,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.checkpoint.every = 5  # Rounds between checkpoints; one is always written at the end.
   c.checkpoint.keep = 2
   c.checkpoint.force = False  # Resume even if the workdir was made with another config.
+
+  c.report = ml_collections.ConfigDict()
+  # --mode=report counts the MiB sent until test accuracy first reaches this fraction.
+  c.report.target_accuracy = 0.7
   return c

@@ -5,22 +5,48 @@ allowed, so a typo costs seconds instead of an hour of a preemptible TPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.federated import fedavg
+from fedpeft_jax.model import checkpoint
 from fedpeft_jax.model import vit
 from fedpeft_jax.privacy import accounting
 from fedpeft_jax.privacy import mechanisms
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-AGGREGATIONS = ('weighted', 'uniform')
+AGGREGATIONS = ('auto', 'weighted', 'uniform')
 
 
 class ConfigError(errors.UserError):
   def __init__(self, key: str, value, allowed: str):
     super().__init__(f'--config.{key}={value!r}: {allowed}')
+
+
+@contextlib.contextmanager
+def config_keys(config, **keys: str):
+  """Reports a library `UserError` about argument `a` as one about `--config.{keys[a]}`.
+
+  Library modules name their own arguments; this is where they meet the keys
+  a user typed, e.g. `with config_keys(config, path='data.path'): sources.load(...)`.
+  """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except errors.UserError as e:
+    if e.argument not in keys:
+      raise
+    raise ConfigError(keys[e.argument], _get(config, keys[e.argument]), str(e)) from None
+
+
+def aggregation(config) -> str:
+  """'auto' weights clients by example count, except under client DP (uniform)."""
+  if config.fl.aggregation != 'auto':
+    return config.fl.aggregation
+  return 'uniform' if config.dp.mode == 'client' else 'weighted'
 
 
 def _check(ok: bool, key: str, value, allowed: str):
@@ -45,10 +71,12 @@ def _one_of(config, key: str, allowed):
   _check(value in allowed, key, value, f'must be one of {", ".join(map(str, allowed))}')
 
 
-def validate(config, *, needs_weights: bool = True, needs_data: bool = True) -> None:
+def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
+             method_list: bool = False) -> None:
   """Raises ConfigError for the first invalid value.
 
-  `--mode=masks` needs neither weights nor data, so their paths are not checked.
+  `--mode=masks` needs neither weights nor data, so their paths are not checked, and
+  compares methods: with `method_list`, `peft.method` may be a comma list of them.
   """
   _one_of(config, 'model.name', tuple(vit.SIZES))
   size = vit.SIZES[config.model.name]
@@ -59,19 +87,23 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True) -> 
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.frozen_dtype', ('',) + DTYPES)
   _one_of(config, 'model.attention', ('', 'xla', 'cudnn'))
-  if config.model.checkpoint and needs_weights:
-    _check(os.path.isfile(config.model.checkpoint), 'model.checkpoint',
-           config.model.checkpoint, "no such file: give an official ViT .npz checkpoint, or '' "
-           'to start from random weights')
+  if config.model.checkpoint and needs_weights:  # Opens the file; reads no weights.
+    with config_keys(config, path='model.checkpoint'):
+      checkpoint.read_shapes(config.model.checkpoint)
   if config.model.representation_size is not None:
     _positive(config, 'model.representation_size')
 
-  try:
-    parts = peft.parse_method(config.peft.method)
-  except errors.UserError:
-    raise ConfigError('peft.method', config.peft.method,
-                      f"must be one of {', '.join(peft.METHODS)} or a '+' composition "
-                      "such as 'bias+lora'") from None
+  methods = config.peft.method.split(',') if method_list else [config.peft.method]
+  parts = set()
+  for method in methods:
+    try:
+      parts.update(peft.parse_method(method))
+    except errors.UserError:
+      part = f'{method!r} of the comma list ' if len(methods) > 1 else ''
+      hint = '; a comma list compares methods in --mode=masks' if ',' in method else ''
+      raise ConfigError('peft.method', config.peft.method,
+                        f"{part}must be one of {', '.join(peft.METHODS)} or a '+' "
+                        f"composition such as 'bias+lora'{hint}") from None
   if 'adapter' in parts:
     _positive(config, 'peft.adapter_reduction')
     _check(size.hidden_size % config.peft.adapter_reduction == 0, 'peft.adapter_reduction',
@@ -122,6 +154,7 @@ def _validate_federation(config):
   _check(fl.client_chunk >= 0, 'fl.client_chunk', fl.client_chunk,
          'must be >= 0 (0: all clients of a round at once)')
   _check(0 <= fl.dropout_prob < 1, 'fl.dropout_prob', fl.dropout_prob, 'must be in [0, 1)')
+  _one_of(config, 'fl.schedule', fedavg.SCHEDULES)
   _one_of(config, 'fl.aggregation', AGGREGATIONS)
   _check(0 <= config.optim.momentum < 1, 'optim.momentum', config.optim.momentum,
          'must be in [0, 1)')
@@ -142,29 +175,62 @@ def _validate_privacy(config):
     _positive(config, 'dp.target_epsilon')
   if dp.mode == 'client':
     _one_of(config, 'dp.sampling', fedavg.SAMPLINGS)
-    _check(config.fl.aggregation == 'uniform', 'fl.aggregation', config.fl.aggregation,
-           "must be 'uniform' with dp.mode='client': weighting by example count lets one "
-           'client move the average by more than its clip norm')
+    _check(aggregation(config) == 'uniform', 'fl.aggregation', config.fl.aggregation,
+           "must be 'uniform' or 'auto' with dp.mode='client': weighting by example count "
+           'lets one client move the average by more than its clip norm')
+    _explain('dp.delta', dp.delta, accounting.check_delta, _client_spec(config))
     if dp.adaptive_clip:
       _check(0 < dp.target_quantile < 1, 'dp.target_quantile', dp.target_quantile,
              'must be in (0, 1)')
       _positive(config, 'dp.clip_lr')
-      if dp.target_epsilon is None and dp.noise_multiplier > 0:
-        stddev = clipped_count_stddev(config)
-        _explain('dp.clipped_count_stddev', stddev, mechanisms.adaptive_delta_noise_multiplier,
-                 dp.noise_multiplier, stddev)
   else:
     _check(not dp.adaptive_clip, 'dp.adaptive_clip', dp.adaptive_clip,
            "adaptive clipping is for dp.mode='client' only")
+    # Client sizes are known once the data is loaded; a Dirichlet split's floor is known now.
+    smallest = config.data.min_client_size if config.data.partition == 'dirichlet' else 0
+    _check(dp.delta * smallest < 1, 'dp.delta', dp.delta,
+           f'must be below 1/{smallest} (1/data.min_client_size): a client may hold that few '
+           'examples, and at delta >= 1/n, publishing one of its n examples drawn at random '
+           'meets the guarantee')
   _explain('dp.accountant', dp.accountant, accounting.accountant_name, accounting.PrivacySpec(
       mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=1,
       accountant=dp.accountant, sampling=dp.sampling))
+  if dp.mode == 'client' and dp.adaptive_clip:
+    _validate_adaptive_noise(config)
+
+
+def _client_spec(config) -> accounting.PrivacySpec:
+  dp, fl = config.dp, config.fl
+  return accounting.PrivacySpec(
+      mode='client', noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=fl.rounds,
+      accountant=dp.accountant, sampling=dp.sampling, num_clients=fl.num_clients,
+      clients_per_round=fl.clients_per_round)
+
+
+def _validate_adaptive_noise(config):
+  """The clip count's noise must leave the update a share of the noise multiplier,
+  the configured one or the one calibrated to dp.target_epsilon: at client level
+  calibration needs no data, so an impossible split fails here, not in training."""
+  dp = config.dp
+  noise_multiplier, source = dp.noise_multiplier, 'set by dp.noise_multiplier'
+  if dp.target_epsilon is not None:
+    noise_multiplier = _explain('dp.target_epsilon', dp.target_epsilon,
+                                accounting.calibrate_noise, _client_spec(config),
+                                dp.target_epsilon)
+    source = f'calibrated to dp.target_epsilon={dp.target_epsilon}'
+  if noise_multiplier > 0:
+    stddev = clipped_count_stddev(config)
+    try:
+      mechanisms.adaptive_delta_noise_multiplier(noise_multiplier, stddev)
+    except errors.UserError as e:
+      raise ConfigError('dp.clipped_count_stddev', stddev,
+                        f'{e}; noise_multiplier is {source}') from None
 
 
 def _explain(key: str, value, check, *args):
   """Runs a library check early, reporting its error against the config key."""
   try:
-    check(*args)
+    return check(*args)
   except errors.UserError as e:
     raise ConfigError(key, value, str(e)) from None
 

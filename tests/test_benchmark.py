@@ -1,8 +1,10 @@
-"""Smoke test of benchmarks/client_throughput.py: a tiny sweep prints valid JSON lines."""
+"""Smoke tests of the benchmarks: tiny runs print valid JSON lines."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -28,3 +30,28 @@ def test_client_throughput_sweep_prints_one_record_per_method_and_impl():
     assert r['mfu'] is None or r['mfu'] > 0, r.get('note')
   # All lines share one peak, so their mfu compare.
   assert len({r['peak_flops_per_second'] for r in records}) == 1
+
+
+SKEWED_KEYS = {'mode', 'split', 'client_sizes', 'schedule', 'model', 'clients_per_round',
+               'lanes', 'batch', 'examples_real', 'examples_computed', 'real_share',
+               'seconds_per_round', 'speedup', 'compile_seconds', 'compilations',
+               'peak_memory_bytes', 'device'}
+
+
+def test_skewed_round_prints_both_schedules_and_packed_computes_less_padding():
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/skewed_round.py', '--model=vit_test', '--method=head',
+       '--split=pcam_dir05', '--clients_per_round=4', '--lanes=2', '--batch=64',
+       '--rounds=1'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  padded, packed = [json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')]
+  for r in (padded, packed):
+    assert SKEWED_KEYS <= set(r), SKEWED_KEYS - set(r)
+    assert r['compilations'] == 1 and r['seconds_per_round'] > 0
+    assert r['real_share'] == pytest.approx(r['examples_real'] / r['examples_computed'], rel=1e-3)
+    assert 0 < r['real_share'] <= 1
+  assert (padded['schedule'], packed['schedule']) == ('padded', 'packed')
+  assert padded['examples_real'] == packed['examples_real']  # The same clients trained.
+  assert packed['real_share'] > padded['real_share']
+  assert padded['speedup'] == 1.0 and packed['speedup'] > 0

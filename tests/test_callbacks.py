@@ -1,9 +1,12 @@
 """Each callback of the experiment loop on its own, with hand-made rounds."""
+import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
 from tensorboard.backend.event_processing import event_accumulator
 
 from fedpeft_jax.experiment import callbacks
@@ -11,9 +14,12 @@ from fedpeft_jax.federated import fedavg
 from fedpeft_jax.privacy import accounting
 
 
-def _metrics(sampled=(3, 1, -1, -1), reported=2, nonfinite=0, loss=0.5, aggregator=None):
+def _metrics(sampled=(3, 1, -1, -1), reported=2, nonfinite=0, loss=0.5, aggregator=None,
+             sent=None):
+  """A round's metrics; `sent`: clients that sent an update (default: reported + nonfinite)."""
+  sent = reported + nonfinite if sent is None else sent
   return fedavg.RoundMetrics(
-      clients=np.asarray(sampled), reported=None,
+      clients=np.asarray(sampled), reported=np.arange(len(sampled)) < sent,
       num_sampled=np.int32(sum(c >= 0 for c in sampled)), num_reported=np.int32(reported),
       num_nonfinite=np.int32(nonfinite), train_loss=np.float32(loss),
       aggregator=aggregator or {})
@@ -27,7 +33,8 @@ def _state(done=0, w=0.0):
 def test_traffic_counts_the_model_down_to_the_sampled_and_updates_up_from_reporters():
   traffic = callbacks.Traffic(num_trainable=10)
   record = {}
-  traffic.on_round_end(1, _state(1), _metrics(reported=1), record)
+  traffic.on_round_end(1, _state(1), _metrics(reported=0, nonfinite=1), record)
+  # A NaN update was still sent: traffic does not depend on what the update holds.
   assert record == {'bytes_down': 80, 'bytes_up': 40, 'bytes_cumulative': 120}
   resumed = callbacks.Traffic(num_trainable=10)
   resumed.load_state_dict(json.loads(json.dumps(traffic.state_dict())))
@@ -66,18 +73,48 @@ def test_evaluation_runs_every_few_rounds_and_after_the_last():
   assert records[1] == {'test_accuracy': 0.75} and len(calls) == 3
 
 
-def test_privacy_reports_the_epsilon_spent_so_far_and_the_clip():
+def test_privacy_composes_its_ledger_and_carries_it_across_a_restart():
   spec = accounting.PrivacySpec(mode='client', noise_multiplier=1.0, delta=1e-5, rounds=4,
                                 num_clients=64, clients_per_round=8)
   privacy = callbacks.Privacy(spec, every=2, rounds=4)
+  aggregator = {'clip_norm': np.float32(0.5), 'clipped_fraction': np.float32(0.25)}
   records = [{} for _ in range(4)]
-  for r, record in enumerate(records, 1):
-    privacy.on_round_end(r, _state(r), _metrics(aggregator={
-        'clip_norm': np.float32(0.5), 'clipped_fraction': np.float32(0.25)}), record)
+  for r, record in enumerate(records[:2], 1):
+    privacy.on_round_end(r, _state(r), _metrics(aggregator=aggregator), record)
+  # Resumed after round 2 with more noise for the remaining rounds.
+  louder = callbacks.Privacy(dataclasses.replace(spec, noise_multiplier=2.0), every=2,
+                             rounds=4)
+  louder.load_state_dict(json.loads(json.dumps(privacy.state_dict())))
+  for r, record in enumerate(records[2:], 3):
+    louder.on_round_end(r, _state(r), _metrics(aggregator=aggregator), record)
   assert records[0] == {} and records[2] == {}
-  assert 0 < records[1]['epsilon'] < records[3]['epsilon']
-  assert records[3]['epsilon'] == pytest.approx(accounting.epsilon(spec, 4))
+  # Independently: dp-accounting composing 2 rounds at z=1 and 2 at z=2.
+  accountant = pld_privacy_accountant.PLDAccountant()
+  for z in (1.0, 1.0, 2.0, 2.0):
+    accountant.compose(dp_event.PoissonSampledDpEvent(8 / 64, dp_event.GaussianDpEvent(z)))
+  assert records[3]['epsilon'] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+  assert records[1]['epsilon'] < records[3]['epsilon']
+  assert records[3]['noise_multiplier'] == 2.0
   assert records[3]['clip_norm'] == 0.5 and records[3]['clipped_fraction'] == 0.25
+  assert louder.state_dict()['calibrated_for_rounds'] == 4
+
+
+def test_privacy_without_noise_writes_an_infinite_epsilon_as_standard_json():
+  spec = accounting.PrivacySpec(mode='client', noise_multiplier=0.0, delta=1e-5, rounds=1,
+                                num_clients=64, clients_per_round=8)
+  record = {}
+  callbacks.Privacy(spec, every=1, rounds=1).on_round_end(1, _state(1), _metrics(), record)
+  assert json.loads(json.dumps(record, allow_nan=False))['epsilon'] == 'inf'
+
+
+def test_diagnostics_are_separated_and_the_cohort_dropped():
+  record = {'round': 3, 'test_accuracy': 0.5, 'train_loss': 0.2, 'clients': [1, 5],
+            'clients_reported': 2, 'clients_nonfinite': 0, 'clipped_fraction': 0.5,
+            'epsilon': 1.0, 'bytes_up': 8}
+  callbacks.SeparateDiagnostics().on_round_end(3, _state(3), _metrics(), record)
+  assert record == {'round': 3, 'test_accuracy': 0.5, 'epsilon': 1.0, 'bytes_up': 8,
+                    'diagnostics': {'train_loss': 0.2, 'clients_reported': 2,
+                                    'clients_nonfinite': 0, 'clipped_fraction': 0.5}}
 
 
 def test_round_clock_carries_wall_time_across_a_restart(monkeypatch):
@@ -116,13 +153,16 @@ def test_tensorboard_writes_scalars_that_tensorboard_reads_and_purges_on_resume(
   board.on_run_end(_state(3))
   resumed = callbacks.TensorBoard(str(tmp_path))  # Killed after a checkpoint at round 1.
   resumed.on_run_start(_state(1))
-  resumed.on_round_end(2, _state(2), _metrics(), {'train_loss': 9.0})
+  resumed.on_round_end(2, _state(2), _metrics(), {'train_loss': 9.0,
+                                                  'diagnostics': {'clipped_fraction': 0.5}})
   resumed.on_run_end(_state(2))
   events = event_accumulator.EventAccumulator(str(tmp_path))
   events.Reload()
   assert [(e.step, e.value) for e in events.Scalars('loss/train')] == [(1, 1.0), (2, 9.0)]
   assert [(e.step, e.value) for e in events.Scalars('traffic/sent_MiB')] == [(1, 1.0)]
   assert events.Scalars('accuracy/test') == []  # Purged with round 2.
+  assert [(e.step, e.value) for e in events.Scalars('diagnostics/privacy/clipped_fraction')
+          ] == [(2, 0.5)]
 
 
 def test_console_line_says_accuracy_only_when_evaluated_and_traffic_in_mib(capsys):
@@ -137,7 +177,7 @@ def test_console_line_says_accuracy_only_when_evaluated_and_traffic_in_mib(capsy
   assert lines[0] == ('round    1/4  acc    -    loss 0.5000  sent 3.00 MiB  2.0 s/round  '
                       'eta 6 s')
   assert lines[1].startswith('round    2/4  acc 0.6250  loss') and lines[1].endswith('eta 6 s')
-  assert lines[2] == 'round 3: no sampled client reported (2 sampled)'
+  assert lines[2] == 'round 3: no sampled client reported (2 sampled); the model is unchanged'
 
 
 class FakeCheckpointer:

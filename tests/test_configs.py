@@ -29,7 +29,7 @@ def test_the_grid_of_every_config_validates(path):
     assert config.fl.num_clients == int(clients)
     assert config.fl.clients_per_round == max(1, round(int(clients) * float(participation)))
     assert config.optim.lr == configs.LEARNING_RATES[method]
-    assert config.fl.aggregation == ('uniform' if dp == 'client' else 'weighted')
+    assert validation.aggregation(config) == ('uniform' if dp == 'client' else 'weighted')
 
 
 def test_paper_configs_have_the_paper_settings():

@@ -1,48 +1,126 @@
-"""The vmapped round against a plain per-client loop, and the client's padding."""
+"""Both round schedules against a plain per-client loop, the packed lanes, the client."""
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from fedpeft_jax import errors
+from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from tests.conftest import LINEAR_CLASSES, LINEAR_DIM, linear_loss_fn, linear_problem
 
-def test_vmapped_round_equals_a_per_client_loop():
-  dataset, parts, trainable, frozen = linear_problem()
-  table = fedavg.ClientTable.from_partition(parts)
-  optimizer = client_lib.sgd(0.1, 0.9, 1e-4)
-  kw = dict(num_epochs=2, batch_size=4, max_examples=table.max_examples)
-  algorithm = fedavg.fedavg(linear_loss_fn, optimizer, clients_per_round=4, num_clients=len(parts),
-                            client_chunk=2, **kw)
-  rng = jax.random.key(42)
-  state = algorithm.init(trainable, rng)
-  apply = jax.jit(algorithm.apply)
-  client_update = jax.jit(client_lib.make_client_update(linear_loss_fn, optimizer, **kw))
+def _poisoned_loss(trainable, frozen, batch, rng):
+  """The linear loss, NaN on the examples marked as poison."""
+  return jnp.where(batch['poison'] > 0, jnp.nan, linear_loss_fn(trainable, frozen, batch, rng))
 
-  expected = trainable
-  for _ in range(2):
-    state, metrics = apply(state, frozen, dataset, table)
-    keys = fedavg.round_keys(rng, state.round - 1)
-    clients = np.asarray(fedavg.sample_clients(keys.sampling, len(parts), 4))
-    np.testing.assert_array_equal(clients, metrics.clients)
-    assert len(set(clients.tolist())) == 4
-    deltas, weights = [], []
-    for c in clients:  # The reference: one client at a time, unpadded.
-      ids = jnp.asarray(parts[c], jnp.int32)
-      plain = jax.jit(client_lib.make_client_update(
-          linear_loss_fn, optimizer, num_epochs=2, batch_size=4, max_examples=len(ids)))
-      out = plain(expected, frozen, dataset, ids, len(ids),
-                  jax.random.fold_in(keys.clients, c))
-      deltas.append(out.delta)
-      weights.append(len(ids))
-    weights = np.asarray(weights, np.float64) / sum(weights)
-    expected = jax.tree.map(
-        lambda p, *d: p + sum(w * np.asarray(x) for w, x in zip(weights, d)), expected, *deltas)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 state.trainable, expected)
-  assert client_update._cache_size() == 0  # Only the vmapped path ran the padded update.
-  assert apply._cache_size() == 1  # One compilation served every round.
+
+@functools.lru_cache(maxsize=None)
+def _unpadded_update(loss_fn, sample_dp, size):
+  return jax.jit(client_lib.make_client_update(
+      loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=2, batch_size=4, max_examples=size,
+      sample_dp=sample_dp))
+
+
+def _per_client_loop(trainable, frozen, dataset, parts, clients, reported, keys, aggregator,
+                     aggregator_state, loss_fn, sample_dp):
+  """The reference round: each reporting client trained alone on its own (unpadded)
+  examples, one after another, its update dropped if not finite; then aggregated."""
+  contributions, nonfinite = [], 0
+  for c in clients[reported]:
+    size = len(parts[c])
+    ids = jnp.asarray(parts[c] if size else [0], jnp.int32)  # Nothing indexes an empty list.
+    out = _unpadded_update(loss_fn, sample_dp, len(ids))(
+        trainable, frozen, dataset, ids, size, jax.random.fold_in(keys.clients, c))
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves((out.delta, out.loss_sum))):
+      nonfinite += 1
+      continue
+    contributions.append(aggregator.contribute(out.delta, jnp.int32(size), aggregator_state))
+  zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+      aggregator.contribute, trainable, jnp.int32(0), aggregator_state))
+  total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), contributions, zero)
+  aggregate = aggregator.finalize(total, len(contributions), aggregator_state, keys.aggregation)
+  if aggregate.released:  # The server's sgd(1.0) adds the mean delta.
+    trainable = jax.tree.map(jnp.add, trainable, aggregate.mean_delta)
+  return trainable, aggregate.state, len(contributions), nonfinite
+
+
+EQUIVALENCE_CASES = {
+    'uneven': dict(),
+    'dropout_and_nan': dict(dropout_prob=0.3, loss_fn=_poisoned_loss),
+    'client_dp': dict(aggregator=aggregators.dp_fedavg(
+        clip_norm=0.05, noise_multiplier=0.5, expected_clients=6)),
+    'sample_dp': dict(sample_dp=client_lib.SampleDP(clip_norm=0.5, noise_multiplier=0.5),
+                      loss_fn=_poisoned_loss),
+}
+
+
+@pytest.mark.parametrize('case', EQUIVALENCE_CASES)
+def test_both_schedules_equal_a_per_client_loop(case):
+  """Uneven clients (one without examples), 6 a round through 3 lanes: the padded round
+  runs two chunks, the packed one hands lanes new clients and narrows to 2 and 1 lanes."""
+  options = dict(EQUIVALENCE_CASES[case])
+  loss_fn = options.pop('loss_fn', linear_loss_fn)
+  aggregator = options.setdefault('aggregator', aggregators.weighted_mean())
+  dataset, parts, trainable, frozen = linear_problem(sizes=(5, 17, 9, 30, 12, 3, 0, 21))
+  dataset['poison'] = jnp.zeros(len(dataset['y'])).at[parts[3][:2]].set(1.0)
+  table = fedavg.ClientTable.from_partition(parts)
+  rng = jax.random.key(42)
+  expected, aggregator_state = trainable, aggregator.init()
+  rounds, dropped, nonfinite_seen = {}, 0, 0
+  for schedule in fedavg.SCHEDULES:
+    algorithm = fedavg.fedavg(
+        loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=2, batch_size=4,
+        max_examples=table.max_examples, clients_per_round=6, num_clients=len(parts),
+        client_chunk=3, schedule=schedule, **options)
+    rounds[schedule] = (jax.jit(algorithm.apply), algorithm.init(trainable, rng))
+  for round_index in range(2):
+    keys = fedavg.round_keys(rng, round_index)
+    clients = np.asarray(fedavg.sample_clients(keys.sampling, len(parts), 6))
+    metrics = {}
+    for schedule, (apply, state) in rounds.items():
+      state, metrics[schedule] = apply(state, frozen, dataset, table)
+      rounds[schedule] = apply, state
+      np.testing.assert_array_equal(metrics[schedule].clients, clients)
+    reported = np.asarray(metrics['padded'].reported)
+    np.testing.assert_array_equal(metrics['packed'].reported, reported)
+    expected, aggregator_state, num_used, nonfinite = _per_client_loop(
+        expected, frozen, dataset, parts, clients, reported, keys, aggregator,
+        aggregator_state, loss_fn, options.get('sample_dp'))
+    dropped += 6 - reported.sum()
+    nonfinite_seen += nonfinite
+    for schedule, (apply, state) in rounds.items():
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   state.trainable, expected)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                   state.aggregator_state, aggregator_state)
+      assert int(metrics[schedule].num_reported) == num_used
+      assert int(metrics[schedule].num_nonfinite) == nonfinite
+  if case == 'dropout_and_nan':  # The seed gives both something to do.
+    assert dropped > 0 and nonfinite_seen > 0
+  for apply, _ in rounds.values():
+    assert apply._cache_size() == 1  # One compilation served rounds of different cohorts.
+
+
+def test_packed_lanes_narrow_to_the_clients_still_training():
+  """A client of 4 steps and one of 1 step: the padded round computes 2 lanes x 4 steps,
+  the packed one 2 lanes for one step, then 1 lane for three."""
+  dataset, parts, trainable, frozen = linear_problem(sizes=(16, 4))
+  table = fedavg.ClientTable.from_partition(parts)
+  computed = {}
+  for schedule in fedavg.SCHEDULES:
+    algorithm = fedavg.fedavg(linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1,
+                              batch_size=4, max_examples=16, clients_per_round=2,
+                              num_clients=2, schedule=schedule)
+    _, metrics = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)),
+                                          frozen, dataset, table)
+    assert int(metrics.examples_trained) == 20
+    computed[schedule] = int(metrics.examples_computed)
+  assert computed == {'padded': 2 * 4 * 4, 'packed': (2 + 1 + 1 + 1) * 4}
 
 
 def test_padding_steps_are_no_ops():
@@ -62,7 +140,8 @@ def test_padding_steps_are_no_ops():
 
 
 def test_each_epoch_visits_every_example_once():
-  positions, valid = client_lib.epoch_batches(jax.random.key(0), 10, 16, 4)
+  positions, valid = jax.vmap(
+      lambda step: client_lib.epoch_batch(jax.random.key(0), 10, 16, 4, step))(jnp.arange(4))
   assert positions.shape == (4, 4)
   seen = np.asarray(positions)[np.asarray(valid)]
   assert sorted(seen.tolist()) == list(range(10))
@@ -81,13 +160,13 @@ def test_chunk_for_memory_picks_the_largest_fitting_divisor():
   assert fedavg.chunk_for_memory(64, 10, 250) == 16  # 25 fit; 16 is the largest divisor.
   assert fedavg.chunk_for_memory(64, 10, 250, multiple=8) == 16
   assert fedavg.chunk_for_memory(24, 10, 200, multiple=8) == 8
-  import pytest
   with pytest.raises(ValueError, match='GiB'):
     fedavg.chunk_for_memory(8, 10, 5)
 
 
-def test_the_frozen_tree_is_never_copied_per_client():
-  """No value in the compiled round has a client axis in front of a frozen leaf's shape."""
+@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+def test_the_frozen_tree_is_never_copied_per_client(schedule):
+  """No value in the compiled round has a client axis next to a frozen leaf's shape."""
   dataset, parts, trainable, _ = linear_problem()
   frozen = {'proj': jnp.ones((LINEAR_DIM, 53))}  # A shape that appears nowhere else.
   trainable = {'w': jnp.zeros((53, LINEAR_CLASSES)), 'b': jnp.zeros(LINEAR_CLASSES)}
@@ -99,12 +178,13 @@ def test_the_frozen_tree_is_never_copied_per_client():
   table = fedavg.ClientTable.from_partition(parts)
   algorithm = fedavg.fedavg(loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1,
                             batch_size=4, max_examples=table.max_examples,
-                            clients_per_round=4, num_clients=len(parts))
+                            clients_per_round=4, num_clients=len(parts), schedule=schedule)
   state = algorithm.init(trainable, jax.random.key(0))
   hlo = jax.jit(algorithm.apply).lower(state, frozen, dataset, table).compile().as_text()
   assert f'f32[{LINEAR_DIM},53]' in hlo  # The frozen leaf itself is there...
-  assert f'f32[4,{LINEAR_DIM},53]' not in hlo and f'f32[{LINEAR_DIM},53,4]' not in hlo  # ...never per client.
-  assert 'f32[4,53,3]' in hlo  # While the trainable tree is, once per client.
+  # ...never with a client axis (the packed schedule's lanes are [devices, lanes])...
+  assert not re.search(rf'f32\[(\d+,)+{LINEAR_DIM},53\]|f32\[{LINEAR_DIM},53(,\d+)+\]', hlo)
+  assert re.search(r'f32\[(1,)?4,53,3\]', hlo)  # ...while the trainable tree is, per client.
 
 def _algorithm(loss_fn=linear_loss_fn, **kw):
   dataset, parts, trainable, frozen = linear_problem()
@@ -174,4 +254,8 @@ def test_a_round_where_nobody_reports_keeps_the_model():
   assert int(state.round) == 1
 
 
-_loss_fn, _setup = linear_loss_fn, linear_problem  # TEMP: test_privacy imports these
+
+def test_an_unknown_schedule_is_a_user_error():
+  with pytest.raises(errors.UserError, match=r"schedule='fast': use one of \('packed'"):
+    fedavg.fedavg(linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=8,
+                  clients_per_round=2, num_clients=2, schedule='fast')

@@ -18,8 +18,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from fedpeft_jax import validation
 from fedpeft_jax.federated import aggregators, client as client_lib, fedavg
 from fedpeft_jax.privacy import accounting, mechanisms
-from tests.conftest import REPO, tiny_config
-from tests.test_fedavg import _loss_fn, _setup
+from tests.conftest import REPO, linear_loss_fn, linear_problem, tiny_config
 
 _tree = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=12)
 
@@ -48,10 +47,10 @@ def test_noise_has_the_configured_stddev():
 
 
 def _round(aggregator, sampling='fixed', rounds=1, **kw):
-  dataset, parts, trainable, frozen = _setup()
+  dataset, parts, trainable, frozen = linear_problem()
   table = fedavg.ClientTable.from_partition(parts)
   algorithm = fedavg.fedavg(
-      _loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1, batch_size=4,
+      linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1, batch_size=4,
       max_examples=table.max_examples, clients_per_round=3, num_clients=len(parts),
       aggregator=aggregator, sampling=sampling, **kw)
   apply = jax.jit(algorithm.apply)
@@ -77,7 +76,7 @@ def test_dp_fedavg_bounds_each_client_and_adds_noise():
   clip = 1e-3
   quiet, history, _ = _round(aggregators.dp_fedavg(clip_norm=clip, noise_multiplier=0.0,
                                                    expected_clients=3))
-  _, _, trainable, _ = _setup()
+  _, _, trainable, _ = linear_problem()
   step = jax.tree.map(jnp.subtract, quiet.trainable, trainable)
   assert float(mechanisms.global_norm(step)) <= clip * (1 + 1e-5)  # Mean of clipped.
   assert float(history[0].aggregator['clipped_fraction']) == 1.0
@@ -110,8 +109,67 @@ def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile():
   assert z_delta ** -2 + (2 * 1.0) ** -2 == pytest.approx(1.0)
 
 
+def test_adaptive_clipping_delivers_the_printed_epsilon():
+  """The audit's configuration: 8 expected of 64 clients, Poisson, count stddev 0.6.
+
+  Each release's sensitivity is measured by adding one client under the same noise,
+  its stddev over many keys; the Gaussians compose by z^-2 = sum (sensitivity/stddev)^2.
+  """
+  z, count_stddev, expected, rate, rounds, lr, quantile = 0.654, 0.6, 8, 8 / 64, 10, 1.0, 0.5
+  agg = aggregators.dp_fedavg(clip_norm=1.0, noise_multiplier=z, expected_clients=expected,
+                              adaptive=True, target_quantile=quantile, clip_learning_rate=lr,
+                              clipped_count_stddev=count_stddev)
+  state = agg.init()
+
+  def releases(updates, rng):
+    """The noised update sum and the noised count the server publishes for `updates`."""
+    contributions = jax.vmap(agg.contribute, in_axes=(0, 0, None))(
+        updates, jnp.ones(len(updates), jnp.int32), state)
+    total = jax.tree.map(lambda x: x.sum(0), contributions)
+    out = agg.finalize(total, jnp.asarray(len(updates)), state, rng)
+    # The clip norm's geometric step, inverted, gives back the noised count.
+    count = (quantile - jnp.log(out.state.clip_norm / state.clip_norm) / lr) * expected
+    return out.mean_delta * expected, count
+
+  updates = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
+  key = jax.random.key(0)
+  base_sum, base_count = releases(updates, key)
+  sum_sensitivity = count_sensitivity = 0.0
+  for norm in (0.5, 3.0):  # An added client within the clip norm, and one beyond it.
+    added = jnp.concatenate([updates, jnp.full((1, 4), norm / 2)])
+    new_sum, new_count = releases(added, key)
+    sum_sensitivity = max(sum_sensitivity, float(jnp.linalg.norm(new_sum - base_sum)))
+    count_sensitivity = max(count_sensitivity, abs(float(new_count - base_count)))
+  sums, counts = jax.vmap(releases, in_axes=(None, 0))(
+      updates, jax.random.split(jax.random.key(1), 40_000))
+  sum_stddev, count_stddev_seen = float(jnp.std(sums, axis=0).mean()), float(jnp.std(counts))
+  delivered = ((sum_sensitivity / sum_stddev) ** 2
+               + (count_sensitivity / count_stddev_seen) ** 2) ** -0.5
+  event = dp_event.SelfComposedDpEvent(
+      dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(delivered)), rounds)
+  delivered_epsilon = _direct_epsilon(
+      event, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, 1e-5, 'pld')
+  printed = accounting.epsilon(accounting.PrivacySpec(
+      mode='client', noise_multiplier=z, delta=1e-5, rounds=rounds, num_clients=64,
+      clients_per_round=expected, clipped_count_stddev=count_stddev))
+  assert delivered_epsilon == pytest.approx(printed, rel=0.03), (delivered, z)
+
+
+def test_a_dp_round_without_reports_still_releases_its_noise():
+  clip, z, rounds = 1e-2, 1.0, 8
+  state, history, _ = _round(aggregators.dp_fedavg(clip_norm=clip, noise_multiplier=z,
+                                                   expected_clients=3),
+                             rounds=rounds, dropout_prob=0.999)
+  assert all(int(m.num_reported) == 0 for m in history)
+  _, _, trainable, _ = linear_problem()
+  moved = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(state.trainable),
+                                                          jax.tree.leaves(trainable))])
+  # Every round adds noise of stddev z * clip to the sum, divided by 3 expected clients.
+  assert moved.std() == pytest.approx(np.sqrt(rounds) * z * clip / 3, rel=0.25)
+
+
 def test_sample_level_dp_sgd_clips_each_example():
-  dataset, parts, trainable, frozen = _setup()
+  dataset, parts, trainable, frozen = linear_problem()
   ids = jnp.asarray(parts[0], jnp.int32)  # 5 examples, one full batch of 8.
 
   def deterministic_loss(p, f, b, rng):  # No augmentation noise: both paths see the same.
@@ -137,6 +195,58 @@ def test_sample_level_dp_sgd_clips_each_example():
   expected = 2 * 1e-3 / 8 * np.sqrt(21)
   moved = float(mechanisms.global_norm(jax.tree.map(jnp.subtract, noisy, tiny_clip)))
   assert 0.3 * expected < moved < 3 * expected
+
+
+def test_sample_level_dp_sgd_ignores_nonfinite_and_padded_examples():
+  dataset, parts, trainable, frozen = linear_problem()
+  poisoned = int(parts[1][0])
+  dataset['poison'] = jnp.zeros(len(dataset['y'])).at[poisoned].set(1.0)
+
+  def loss_scaled_by(poison_factor):
+    def loss(p, f, b, rng):
+      losses = optax.softmax_cross_entropy_with_integer_labels(
+          b['x'] @ f['proj'] @ p['w'] + p['b'], b['y'])
+      return losses * jnp.where(b['poison'] > 0, poison_factor, 1.0)
+    return loss
+
+  def update(loss_fn, ids, num_examples):
+    fn = client_lib.make_client_update(
+        loss_fn, optax.sgd(1.0), num_epochs=1, batch_size=8, max_examples=len(ids),
+        sample_dp=client_lib.SampleDP(clip_norm=1e-2, noise_multiplier=0.5))
+    return jax.jit(fn)(trainable, frozen, dataset, jnp.asarray(ids, jnp.int32), num_examples,
+                       jax.random.key(1))
+
+  ids = list(parts[0]) + [poisoned]
+  # A real example whose loss and gradient are NaN counts as one whose gradient is zero.
+  nan_example = update(loss_scaled_by(jnp.nan), ids, 6)
+  zero_example = update(loss_scaled_by(0.0), ids, 6)
+  assert np.isfinite(float(nan_example.loss_sum))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+               nan_example.delta, zero_example.delta)
+  # Padding that points at a NaN example leaves no trace either.
+  nan_padding = update(loss_scaled_by(jnp.nan), ids, 5)
+  clean_padding = update(loss_scaled_by(jnp.nan), list(parts[0]) + [0], 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+               nan_padding.delta, clean_padding.delta)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(nan_padding.delta))
+
+
+def test_a_client_without_examples_under_sample_level_dp():
+  dataset, parts, trainable, frozen = linear_problem(sizes=(5, 0, 9))
+  table = fedavg.ClientTable.from_partition(parts)
+  algorithm = fedavg.fedavg(
+      linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=table.max_examples,
+      clients_per_round=3, num_clients=3,
+      sample_dp=client_lib.SampleDP(clip_norm=1.0, noise_multiplier=1.0))
+  state, metrics = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)),
+                                            frozen, dataset, table)
+  assert int(metrics.num_reported) == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.trainable))
+  # It has no examples to protect: the guarantee is that of the others.
+  spec = lambda sizes: accounting.PrivacySpec(mode='sample', noise_multiplier=1.0, delta=1e-5,
+                                              rounds=2, client_sizes=sizes, batch_size=4,
+                                              local_epochs=1)
+  assert accounting.epsilon(spec((5, 0, 9))) == accounting.epsilon(spec((5, 9))) > 0
 
 
 def _direct_epsilon(event, relation, delta, accountant='rdp'):
@@ -197,6 +307,7 @@ def test_target_epsilon_calibrates_the_noise():
     ('dp.delta', 1.0, 'must be in (0, 1)'),
     ('fl.aggregation', 'weighted', "must be 'uniform'"),
     ('dp.accountant', 'pld', 'PLD supports Poisson'),
+    ('dp.delta', 1 / 8, 'must be below 1/8'),  # One over the number of clients.
 ])
 def test_bad_privacy_settings_fail_at_validation(key, value, needle):
   config = tiny_config('bias,dp=client')
@@ -207,6 +318,27 @@ def test_bad_privacy_settings_fail_at_validation(key, value, needle):
   with pytest.raises(validation.ConfigError, match=key.replace('.', r'\.')) as e:
     validation.validate(config)
   assert needle in str(e.value)
+
+
+def test_delta_above_one_over_the_smallest_dirichlet_client_fails_at_validation():
+  config = tiny_config('bias,dp=sample')
+  config.data.partition, config.data.min_client_size = 'dirichlet', 10
+  config.dp.delta = 0.1
+  with pytest.raises(validation.ConfigError, match=r'dp\.delta=0\.1: must be below 1/10'):
+    validation.validate(config)
+  config.dp.delta = 0.09
+  validation.validate(config)
+
+
+def test_adaptive_clipping_with_a_target_epsilon_is_checked_at_validation():
+  config = tiny_config('bias,dp=client')
+  config.dp.adaptive_clip, config.dp.target_epsilon = True, 2.0
+  config.dp.clipped_count_stddev = 0.2  # Leaves the updates no noise at the calibrated z.
+  with pytest.raises(validation.ConfigError, match=r'dp\.clipped_count_stddev=0\.2') as e:
+    validation.validate(config)
+  assert 'calibrated to dp.target_epsilon=2.0' in str(e.value)
+  config.dp.clipped_count_stddev = 5.0
+  validation.validate(config)
 
 
 def test_unreachable_target_epsilon_exits_with_one_line(tmp_path):

@@ -1,8 +1,11 @@
 """experiment.train: config -> rounds -> what a run writes (metrics, TensorBoard, config,
 run record), on synthetic data."""
 import json
+import shutil
 
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
 from tensorboard.backend.event_processing import event_accumulator
 
 from fedpeft_jax.experiment import train
@@ -71,3 +74,39 @@ def test_a_run_writes_its_config_its_making_and_tensorboard_scalars(tmp_path):
   assert [v for _, v in scalars('clients/reported')] == [r['clients_reported'] for r in history]
   assert len(scalars('time/seconds_per_round')) == 3
   assert 'privacy/epsilon' not in events.Tags()['scalars']
+
+
+def _dp_config(rounds):
+  config = tiny_config('bias,dp=client')
+  config.fl.rounds, config.checkpoint.every, config.checkpoint.keep = rounds, 1, 10
+  config.dp.target_epsilon, config.dp.clip_norm = 8.0, 0.1
+  return config
+
+
+def test_under_dp_the_epsilon_composes_what_ran_across_a_grown_resume(tmp_path):
+  first = train.train(_dp_config(3), str(tmp_path))
+  z1 = first[-1]['noise_multiplier']
+  assert first[-1]['epsilon'] == pytest.approx(8.0, rel=2e-3)
+  grown = train.train(_dp_config(6), str(tmp_path))  # Only rounds 4-6 are calibrated.
+  z2 = grown[-1]['noise_multiplier']
+  assert z2 > z1
+  accountant = pld_privacy_accountant.PLDAccountant()
+  for z in (z1,) * 3 + (z2,) * 3:  # Independently: the two multipliers composed.
+    accountant.compose(dp_event.PoissonSampledDpEvent(4 / 8, dp_event.GaussianDpEvent(z)))
+  assert grown[-1]['epsilon'] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+  assert grown[-1]['epsilon'] <= 8.0 * (1 + 2e-3)
+  # Nothing written identifies the cohort; what epsilon does not cover is grouped.
+  assert all('clients' not in r and 'train_loss' not in r for r in grown)
+  assert set(grown[-1]['diagnostics']) == {'train_loss', 'clients_reported',
+                                           'clients_nonfinite', 'clipped_fraction'}
+
+
+def test_under_dp_a_plain_resume_keeps_the_noise_and_ends_bit_identical(tmp_path):
+  straight = train.train(_dp_config(4), str(tmp_path / 'straight'))
+  resumed_dir = tmp_path / 'resumed'
+  train.train(_dp_config(4), str(resumed_dir))
+  for lost in ('3', '4'):  # As if killed after round 2's checkpoint.
+    shutil.rmtree(resumed_dir / 'checkpoints' / lost)
+  resumed = train.train(_dp_config(4), str(resumed_dir))
+  assert resumed[-1]['trainable_sha256'] == straight[-1]['trainable_sha256']
+  assert resumed[-1]['epsilon'] == straight[-1]['epsilon']

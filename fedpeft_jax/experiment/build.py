@@ -153,21 +153,36 @@ def make_evaluate(model, image_size: int, batch_size: int):
   return evaluate, pad
 
 
-def privacy_spec(config, client_sizes=()) -> accounting.PrivacySpec | None:
-  """The run's privacy mechanism, its noise calibrated if a target epsilon is set."""
+def privacy_spec(config, client_sizes=(), ledger=None,
+                 calibrated_for_rounds: int | None = None,
+                 noise_multiplier: float | None = None) -> accounting.PrivacySpec | None:
+  """The run's privacy mechanism; its noise calibrated if a target epsilon is set.
+
+  A resumed run passes the ledger of the rounds it ran and the noise they used:
+  with `fl.rounds` unchanged the noise stays exactly as it was; grown under a
+  target epsilon, only the remaining rounds' noise is calibrated, so the whole
+  ledger meets the target.
+  """
   dp, fl = config.dp, config.fl
   if dp.mode == 'none':
     return None
   spec = accounting.PrivacySpec(
       mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=fl.rounds,
       accountant=dp.accountant, sampling=dp.sampling, num_clients=fl.num_clients,
-      clients_per_round=fl.clients_per_round, client_sizes=tuple(client_sizes),
-      batch_size=fl.batch_size, local_epochs=fl.local_epochs)
-  if dp.target_epsilon is not None:
-    with validation.config_keys(config, target_epsilon='dp.target_epsilon'):
-      spec = dataclasses.replace(
-          spec, noise_multiplier=accounting.calibrate_noise(spec, dp.target_epsilon))
-  return spec
+      clients_per_round=fl.clients_per_round,
+      clipped_count_stddev=validation.clipped_count_stddev(config) if dp.adaptive_clip else 0.0,
+      client_sizes=tuple(client_sizes), batch_size=fl.batch_size, local_epochs=fl.local_epochs)
+  with validation.config_keys(config, delta='dp.delta', target_epsilon='dp.target_epsilon'):
+    accounting.check_delta(spec)
+    if dp.target_epsilon is None:
+      return spec
+    if ledger and calibrated_for_rounds == fl.rounds:
+      z = noise_multiplier
+    elif ledger:
+      z = accounting.calibrate_remaining(ledger, spec, dp.target_epsilon, fl.rounds - len(ledger))
+    else:
+      z = accounting.calibrate_noise(spec, dp.target_epsilon)
+  return dataclasses.replace(spec, noise_multiplier=z)
 
 
 def client_mesh(config) -> jax.sharding.Mesh | None:
@@ -175,6 +190,21 @@ def client_mesh(config) -> jax.sharding.Mesh | None:
   if not config.fl.shard_clients or jax.device_count() == 1:
     return None
   return jax.sharding.Mesh(np.array(jax.devices()), ('clients',))
+
+
+def replicate_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
+  """A function placing a pytree whole on every device of `mesh` (of every host), or on
+  the default device without one. Each host passes the same values: its own copy."""
+  if mesh is None:
+    return jax.device_put
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(place(jax.random.key_data(x)))
+    return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+  return lambda tree: jax.tree.map(place, tree)
 
 
 def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
@@ -192,7 +222,7 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
         clipped_count_stddev=validation.clipped_count_stddev(config))
   elif dp.mode == 'sample':
     sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
-  with validation.config_keys(config, client_chunk='fl.client_chunk'):
+  with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule'):
     return fedavg.fedavg(
         loss_fn or make_loss_fn(model, config.model.image_size),
         client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
@@ -201,7 +231,7 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
         client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling,
         dropout_prob=fl.dropout_prob, aggregator=aggregator,
         server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
-        mesh=client_mesh(config))
+        mesh=client_mesh(config), schedule=fl.schedule)
 
 
 def auto_client_chunk(config, build, state, args) -> int | None:
@@ -252,15 +282,19 @@ class Experiment:
     return lambda s: compiled(s, *args)
 
 
-def build(config) -> Experiment:
-  """Builds a run's experiment from its (validated) config: data, model, algorithm."""
+def build(config, privacy_state: dict | None = None) -> Experiment:
+  """Builds a run's experiment from its (validated) config: data, model, algorithm.
+
+  `privacy_state`: a resumed run's `callbacks.Privacy` state (its ledger), so the
+  noise of the remaining rounds is what the ledger allows.
+  """
   init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
   train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split)
   client_sizes = [len(ids) for ids in client_indices]
-  privacy = privacy_spec(config, client_sizes)
+  privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
   table = fedavg.ClientTable.from_partition(client_indices)
-  dataset = {'image': jnp.asarray(train_set.images), 'label': jnp.asarray(train_set.labels)}
+  dataset = {'image': train_set.images, 'label': train_set.labels}
 
   model = build_model(config)
   with console.phase('initialising the model' + (
@@ -284,13 +318,18 @@ def build(config) -> Experiment:
   build_for = lambda chunk: build_algorithm(config, model, table.max_examples, privacy,
                                             loss_fn, chunk)
   algorithm = build_for(None)
-  state = algorithm.init(trainable, run_rng)
+  # Everything on every device of the mesh (all hosts'), so the compiled round and
+  # evaluation see the same placement in every round and on every host.
+  place = replicate_on(client_mesh(config))
+  frozen, dataset, table = place((frozen, dataset, table))
+  state = place(algorithm.init(trainable, run_rng))
   chunk = auto_client_chunk(config, build_for, state, (frozen, dataset, table))
   if chunk:
     algorithm = build_for(chunk)
 
   evaluate_fn, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
-  test_images, test_labels = pad(test_set)
+  test_images, test_labels = place(pad(test_set))
+  trainable = state.trainable
   with console.phase('compiling evaluation'):
     evaluate_compiled = evaluate_fn.lower(trainable, frozen, test_images, test_labels).compile()
   evaluate = lambda trainable: float(evaluate_compiled(trainable, frozen, test_images,

@@ -49,7 +49,8 @@ class Traffic(loop.Stateful):
 
   def on_round_end(self, round_index, state, metrics, record):
     down = self.bytes_per_transfer * int(metrics.num_sampled)
-    up = self.bytes_per_transfer * int(metrics.num_reported)
+    # Every client that did not drop out sends its update, finite or not.
+    up = self.bytes_per_transfer * int(np.sum(metrics.reported))
     self.bytes_cumulative += up + down
     record.update(bytes_up=up, bytes_down=down, bytes_cumulative=self.bytes_cumulative)
 
@@ -107,21 +108,50 @@ class Evaluation(loop.Callback):
       record['test_accuracy'] = self.evaluate(state.trainable)
 
 
-class Privacy(loop.Callback):
-  """Epsilon spent so far (on evaluated rounds: accounting is not free) and the noise."""
+class Privacy(loop.Stateful):
+  """The privacy ledger: each round's executed mechanism, composed into the epsilon spent so
+  far (on evaluated rounds: accounting is not free).
+
+  The ledger travels in the checkpoint, so after any resume (a grown `fl.rounds`
+  included) the epsilon printed composes what really ran, never the config.
+  """
+  name = 'privacy'
 
   def __init__(self, spec: accounting.PrivacySpec, every: int, rounds: int):
     self.spec, self.every, self.rounds = spec, every, rounds
+    self.ledger = []
 
   def on_round_end(self, round_index, state, metrics, record):
+    self.ledger.append(accounting.round_record(self.spec))
     if not is_due(round_index, self.every, self.rounds):
       return
-    record.update(epsilon=accounting.epsilon(self.spec, round_index),
+    epsilon = accounting.ledger_epsilon(self.ledger, self.spec.delta, self.spec.accountant)
+    record.update(epsilon=accounting.json_safe_epsilon(epsilon),
                   noise_multiplier=self.spec.noise_multiplier)
-    if 'clip_norm' in metrics.aggregator:
+    if 'clip_norm' in metrics.aggregator:  # Adaptive clipping's norm is itself a noised release.
       record['clip_norm'] = float(metrics.aggregator['clip_norm'])
     if 'clipped_fraction' in metrics.aggregator:
       record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+
+  def state_dict(self):
+    return {'ledger': self.ledger, 'calibrated_for_rounds': self.spec.rounds,
+            'noise_multiplier': self.spec.noise_multiplier}
+
+  def load_state_dict(self, saved):
+    self.ledger = list(saved['ledger'])
+
+
+# Computed from the clients' data without noise: outside what epsilon covers.
+DIAGNOSTICS = ('train_loss', 'clients_reported', 'clients_nonfinite', 'clipped_fraction')
+
+
+class SeparateDiagnostics(loop.Callback):
+  """Under DP, moves what the guarantee does not cover into `record['diagnostics']` and
+  drops the sampled client ids (under Poisson sampling they reveal membership)."""
+
+  def on_round_end(self, round_index, state, metrics, record):
+    record.pop('clients', None)
+    record['diagnostics'] = {k: record.pop(k) for k in DIAGNOSTICS if k in record}
 
 
 class RoundClock(loop.Stateful):
@@ -202,7 +232,8 @@ TENSORBOARD_TAGS = {
 
 class TensorBoard(loop.Callback):
   """Scalars of every round in `logdir`, as TensorBoard event files (tensorboardX: no
-  TensorFlow needed). On resume, steps after the checkpoint are purged from view."""
+  TensorFlow needed); DP diagnostics under `diagnostics/`. On resume, steps after the
+  checkpoint are purged from view."""
 
   def __init__(self, logdir: str):
     self.logdir = logdir
@@ -215,9 +246,13 @@ class TensorBoard(loop.Callback):
         filename_suffix=f'.from_round_{done + 1}')
 
   def on_round_end(self, round_index, state, metrics, record):
+    diagnostics = record.get('diagnostics', {})
     for key, (tag, scale) in TENSORBOARD_TAGS.items():
-      if record.get(key) is not None:
-        self.writer.add_scalar(tag, record[key] * scale, round_index)
+      if key in record:
+        self.writer.add_scalar(tag, float(record[key]) * scale, round_index)
+      elif key in diagnostics:
+        self.writer.add_scalar(f'diagnostics/{tag}', float(diagnostics[key]) * scale,
+                               round_index)
     self.writer.flush()
 
   def on_run_end(self, state):
@@ -235,14 +270,17 @@ class Console(loop.Callback):
 
   def on_round_end(self, round_index, state, metrics, record):
     self.seconds.append(record['round_s'])
-    if record['clients_reported'] == 0 and not record['clients_nonfinite']:
+    # Under DP the counts are diagnostics, and the round released its noise anyway.
+    if record.get('clients_reported') == 0 and not record['clients_nonfinite']:
       console.say(f'round {round_index}: no sampled client reported '
-                  f'({int(metrics.num_sampled)} sampled)')
+                  f'({int(metrics.num_sampled)} sampled); the model is unchanged')
     accuracy = record.get('test_accuracy')
+    loss = (f'loss {record["train_loss"]:.4f}' if 'train_loss' in record else
+            f'loss {record["diagnostics"]["train_loss"]:.4f} (diagnostic)')
     line = (f'round {round_index:4d}/{self.rounds}  '
             + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
-            + (f'  eps {record["epsilon"]:.3g}' if 'epsilon' in record else '')
-            + f'  loss {record["train_loss"]:.4f}'
+            + (f'  eps {float(record["epsilon"]):.3g}' if 'epsilon' in record else '')
+            + f'  {loss}'
             f'  sent {record["bytes_cumulative"] / MIB:.2f} MiB'
             f'  {record["round_s"]:.1f} s/round'
             f'  eta {np.mean(self.seconds) * (self.rounds - round_index):.0f} s')

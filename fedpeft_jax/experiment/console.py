@@ -8,9 +8,13 @@ from __future__ import annotations
 import contextlib
 import time
 
+import jax
+
 
 def say(line: str) -> None:
-  print(line, flush=True)
+  """Prints on process 0 only: several hosts run one experiment, one console tells it."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 @contextlib.contextmanager

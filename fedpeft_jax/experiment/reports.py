@@ -1,8 +1,12 @@
-"""Reports that train nothing: what each PEFT method trains and sends, and the epsilon a
-configured run will deliver."""
+"""Reports that train nothing: what each PEFT method trains and sends (by parameter group,
+drawn as `masks.png`), and the epsilon a configured run will deliver."""
 from __future__ import annotations
 
 import os
+
+import numpy as np
+from flax import traverse_util
+from matplotlib import figure
 
 from fedpeft_jax import peft
 from fedpeft_jax import validation
@@ -12,31 +16,128 @@ from fedpeft_jax.experiment import workdir as workdir_lib
 from fedpeft_jax.privacy import accounting
 
 
+# Where a method's trainable parameters sit in the ViT, in the order the table shows them.
+PARAMETER_GROUPS = ('patch_embedding', 'position_and_cls', 'attention', 'mlp', 'layernorm',
+                    'head', 'peft_additions')
+# The methods that add parameters of their own to the backbone.
+_ADDITIONS = 'adapter+prompt+lora'
+
+
+def _group(path: tuple[str, ...], is_addition: bool) -> str:
+  if path[0] in ('head', 'pre_logits'):
+    return 'head'
+  if is_addition:  # Checked before attention: LoRA's leaves live in the attention module.
+    return 'peft_additions'
+  if path[0] == 'embedding':
+    return 'patch_embedding'
+  if path[0] == 'cls' or 'posembed_input' in path:
+    return 'position_and_cls'
+  if any(p.startswith('MultiHeadDotProductAttention') for p in path):
+    return 'attention'
+  if any(p.startswith('MlpBlock') for p in path):
+    return 'mlp'
+  if any(p.startswith('LayerNorm') or p == 'encoder_norm' for p in path):
+    return 'layernorm'
+  raise ValueError(f'parameter {"/".join(path)} belongs to no group of PARAMETER_GROUPS')
+
+
+def parameter_groups(params) -> dict[str, str]:
+  """Each parameter path ('Transformer/encoder_norm/bias') -> its group in PARAMETER_GROUPS."""
+  # The adapter, prompt and LoRA methods' own labels say which leaves they add.
+  additions = traverse_util.flatten_dict(peft.labels(_ADDITIONS, params))
+  return {'/'.join(path): _group(path, label == peft.TRAINABLE)
+          for path, label in additions.items()}
+
+
+def group_counts(params, trainable) -> dict[str, int]:
+  """Trainable parameters per group of PARAMETER_GROUPS (every group, zeros included)."""
+  groups = parameter_groups(params)
+  counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+  for path, leaf in traverse_util.flatten_dict(trainable, sep='/').items():
+    counts[groups[path]] += int(leaf.size)
+  return counts
+
+
+def compared_methods(config) -> tuple[str, ...]:
+  """`peft.method` as a comma list ('bias,lora,bias+lora'), or every method without one."""
+  method = config.peft.method
+  return tuple(method.split(',')) if ',' in method else peft.METHODS
+
+
 def mask_report(config) -> dict:
-  """Trainable counts and bytes per transfer of every method on the configured model."""
+  """Trainable counts, their groups and bytes per transfer of each compared method on the
+  configured model; with exactly two methods, `diff`: the paths one trains and not the other."""
   report = {}
-  for method in peft.METHODS:
+  for method in compared_methods(config):
     params = build.abstract_params(config, build.build_model(config, method))
     trainable, _ = peft.split(params, peft.labels(method, params))
     n = peft.count(trainable)
     report[method] = {'trainable': n, 'total': peft.count(params),
                       'bytes_per_transfer': n * callbacks.BYTES_PER_PARAM,
-                      'trainable_paths': peft.paths(trainable)}
+                      'trainable_paths': peft.paths(trainable),
+                      'groups': group_counts(params, trainable)}
+  if len(report) == 2:
+    (a, paths_a), (b, paths_b) = [(m, set(r['trainable_paths'])) for m, r in report.items()]
+    report['diff'] = {f'{a} not {b}': sorted(paths_a - paths_b),
+                      f'{b} not {a}': sorted(paths_b - paths_a)}
   return report
+
+
+def _methods(report: dict) -> list[str]:
+  return [m for m in report if m != 'diff']
+
+
+def plot_masks(report: dict, path: str) -> None:
+  """One bar a method: its trainable count, and its groups' shares stacked.
+
+  Counts span ~1000x (full vs PEFT), so they need a log axis, on which stacked segments
+  would be distorted: the groups are stacked as shares on a linear axis of their own.
+  """
+  methods = _methods(report)
+  totals = [report[m]['trainable'] for m in methods]
+  fig = figure.Figure(figsize=(10, 1 + 0.4 * len(methods)), layout='constrained')
+  count_ax, share_ax = fig.subplots(1, 2, sharey=True, width_ratios=(1, 2))
+  count_ax.barh(methods, totals, color='gray')
+  count_ax.set_xscale('log')
+  count_ax.bar_label(count_ax.containers[0], [f'{n:,}' for n in totals], fontsize='small')
+  count_ax.set_xlim(min(totals) / 10, max(totals) * 100)  # Room for the labels.
+  count_ax.set_xlabel('trainable parameters (log scale)')
+  left = np.zeros(len(methods))
+  for i, group in enumerate(PARAMETER_GROUPS):
+    share = np.array([report[m]['groups'][group] for m in methods]) / totals
+    share_ax.barh(methods, 100 * share, left=100 * left, label=group, color=f'C{i}')
+    left += share
+  share_ax.set_xlim(0, 100)
+  share_ax.set_xlabel('share of trainable parameters by group (%)')
+  count_ax.invert_yaxis()  # The first method on top, as listed.
+  fig.legend(loc='outside right center', fontsize='small', frameon=False)
+  fig.savefig(path, dpi=120)
 
 
 def write_mask_report(config, workdir: str) -> dict:
   report = mask_report(config)
-  print(f"{'method':<10}{'trainable':>14}{'% of total':>12}{'bytes/transfer':>18}")
-  for method, r in report.items():
-    print(f"{method:<10}{r['trainable']:>14,}{100 * r['trainable'] / r['total']:>11.3f}%"
+  methods = _methods(report)
+  width = max(10, *(len(m) + 2 for m in methods))
+  print(f"{'method':<{width}}{'trainable':>14}{'% of total':>12}{'bytes/transfer':>18}")
+  for method in methods:
+    r = report[method]
+    print(f"{method:<{width}}{r['trainable']:>14,}{100 * r['trainable'] / r['total']:>11.3f}%"
           f"{r['bytes_per_transfer']:>18,}")
-  workdir_lib.write_json(os.path.join(workdir_lib.prepare(workdir), 'masks.json'), report)
+  print('\ntrainable by parameter group')
+  print(f"{'method':<{width}}" + ''.join(f'{g:>17}' for g in PARAMETER_GROUPS))
+  for method in methods:
+    print(f'{method:<{width}}' + ''.join(f'{n:>17,}' for n in report[method]['groups'].values()))
+  for side, paths in report.get('diff', {}).items():
+    print(f'\ntrained by {side} ({len(paths)}):' + ''.join(f'\n  {p}' for p in paths))
+  workdir = workdir_lib.prepare(workdir)
+  workdir_lib.write_json(os.path.join(workdir, 'masks.json'), report)
+  plot_masks(report, os.path.join(workdir, 'masks.png'))
   return report
 
 
 def privacy_report(spec: accounting.PrivacySpec, clip_norm: float) -> dict:
-  return {'epsilon': accounting.epsilon(spec), 'delta': spec.delta,
+  return {'epsilon': accounting.json_safe_epsilon(accounting.epsilon(spec)),
+          'delta': spec.delta,
           'noise_multiplier': spec.noise_multiplier, 'clip_norm': clip_norm,
           'sampling_rate': spec.sampling_rate, 'rounds': spec.rounds,
           'accountant': accounting.accountant_name(spec), 'mode': spec.mode,

@@ -29,7 +29,7 @@ def prepare(path: str) -> str:
   absolute = os.path.abspath(path)
   try:
     os.makedirs(absolute, exist_ok=True)
-    probe = os.path.join(absolute, '.write_test')
+    probe = os.path.join(absolute, f'.write_test.{os.getpid()}')  # One per host process.
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)

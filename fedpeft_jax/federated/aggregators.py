@@ -27,6 +27,8 @@ class Aggregate(NamedTuple):
   mean_delta: PyTree
   state: PyTree
   metrics: dict
+  # False: nothing to apply, the server keeps its model and optimizer state as they were.
+  released: jax.Array
 
 
 class Aggregator(NamedTuple):
@@ -50,7 +52,7 @@ def weighted_mean(by_examples: bool = True) -> Aggregator:
                         jnp.ones((), jnp.float32))
 
   def finalize(total, count, state, rng):
-    return Aggregate(_safe_mean(total.delta, total.weight), state, {})
+    return Aggregate(_safe_mean(total.delta, total.weight), state, {}, count > 0)
 
   return Aggregator(lambda: (), contribute, finalize)
 
@@ -74,6 +76,9 @@ def dp_fedavg(*, clip_norm: float, noise_multiplier: float, expected_clients: fl
   (Andrew et al. 2021): the noised fraction of unclipped clients drives a
   geometric update of the norm, and the update noise is raised so that both
   releases together spend exactly `noise_multiplier`.
+
+  Every round releases its noised aggregate, even one to which no client
+  contributed: skipping it would reveal that nobody did.
   """
   delta_multiplier = noise_multiplier
   if adaptive and noise_multiplier > 0:
@@ -91,12 +96,15 @@ def dp_fedavg(*, clip_norm: float, noise_multiplier: float, expected_clients: fl
     metrics = {'clip_norm': state.clip_norm,
                'clipped_fraction': 1.0 - total.unclipped / jnp.maximum(count, 1)}
     if adaptive:
-      noisy_unclipped = total.unclipped + clipped_count_stddev * jax.random.normal(count_rng)
-      fraction = noisy_unclipped / expected_clients
+      # The noise goes on the centred indicators b_i - 1/2, sensitivity 1/2, the count the
+      # noise split assumes; the public expected_clients / 2 is added back afterwards.
+      noisy_centred = (total.unclipped - count / 2
+                       + clipped_count_stddev * jax.random.normal(count_rng))
+      fraction = noisy_centred / expected_clients + 0.5
       state = ClipState(state.clip_norm * jnp.exp(
           -clip_learning_rate * (fraction - target_quantile)))
     mean = jax.tree.map(lambda x: x / expected_clients, noised)
-    return Aggregate(mean, state, metrics)
+    return Aggregate(mean, state, metrics, jnp.ones((), bool))
 
   return Aggregator(lambda: ClipState(jnp.asarray(clip_norm, jnp.float32)), contribute,
                     finalize)

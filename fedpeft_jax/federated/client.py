@@ -4,10 +4,15 @@ Every client is padded to the same number of examples so that one compiled
 function (and its vmap over clients) serves all clients and rounds: padded
 positions are masked out of the loss, and a client runs only the steps its own
 examples fill.
+
+Local training also comes in pieces (`make_local_training`: init, one step,
+finalize) so that a round can interleave clients, advancing each by one step
+at a time; every step's batch and randomness depend only on the client's key
+and the step's index, so the result does not depend on how clients are
+scheduled.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -33,6 +38,34 @@ class SampleDP(NamedTuple):
   noise_multiplier: float
 
 
+class ClientState(NamedTuple):
+  """A client part-way through its local training."""
+  params: PyTree
+  opt_state: PyTree
+  loss_sum: jax.Array  # Sum of per-example training losses so far.
+  examples_seen: jax.Array  # Real (unpadded) examples processed so far.
+  steps_done: jax.Array
+
+
+class LocalTraining(NamedTuple):
+  """One client's local training as init, `num_steps(num_examples)` steps, finalize."""
+  num_steps: Callable[[jax.Array], jax.Array]
+  init: Callable[[PyTree], ClientState]  # The global trainable parameters -> fresh state.
+  # (state, frozen, dataset, example_ids, num_examples, rng) -> state one step on.
+  step: Callable[..., ClientState]
+  finalize: Callable[[ClientState, PyTree], ClientOutput]  # (state, global params) -> output.
+
+  def run(self, trainable, frozen, dataset, example_ids, num_examples, rng) -> ClientOutput:
+    """The whole of one client's local training."""
+    # Only this client's real steps run: under vmap the loop lasts as long as the
+    # chunk's largest client needs, not as long as the largest client overall.
+    state = jax.lax.fori_loop(
+        0, self.num_steps(num_examples),
+        lambda _, s: self.step(s, frozen, dataset, example_ids, num_examples, rng),
+        self.init(trainable))
+    return self.finalize(state, trainable)
+
+
 def _sort_keys(rng, max_examples: int, num_examples):
   """Random sort keys, real examples first. Each position's key is folded from its
   index, so the order of the real examples does not depend on the padding."""
@@ -41,44 +74,37 @@ def _sort_keys(rng, max_examples: int, num_examples):
   return jnp.where(jnp.arange(max_examples) < num_examples, scores, 2.0)
 
 
-def epoch_batches(rng, num_examples, max_examples: int, batch_size: int):
-  """A shuffled epoch cut into batches: positions [steps, batch_size] into the
+def epoch_batch(rng, num_examples, max_examples: int, batch_size: int, index):
+  """Batch `index` of the epoch shuffled by `rng`: positions [batch_size] into the
   client's padded example list, and their validity mask."""
-  steps = math.ceil(max_examples / batch_size)
-  order = jnp.argsort(_sort_keys(rng, max_examples, num_examples))
-  order = jnp.pad(order, (0, steps * batch_size - max_examples))
-  valid = jnp.arange(steps * batch_size) < num_examples
-  return order.reshape(steps, batch_size), valid.reshape(steps, batch_size)
+  order = jnp.pad(jnp.argsort(_sort_keys(rng, max_examples, num_examples)), (0, batch_size))
+  start = index * batch_size
+  return (jax.lax.dynamic_slice(order, (start,), (batch_size,)),
+          start + jnp.arange(batch_size) < num_examples)
 
 
-def sampled_batches(rng, num_examples, max_examples: int, batch_size: int):
-  """An epoch's worth of steps, each a uniform draw of min(batch_size, n) of the
-  client's n examples without replacement: the sampling DP-SGD accounts for.
-  Steps past ceil(n / batch_size) are all padding."""
-  steps = math.ceil(max_examples / batch_size)
+def sampled_batch(rng, num_examples, max_examples: int, batch_size: int, index):
+  """Step `index` of an epoch: a uniform draw of min(batch_size, n) of the client's n
+  examples without replacement, the sampling DP-SGD accounts for."""
   width = min(batch_size, max_examples)
-
-  def draw(step):
-    order = jnp.argsort(_sort_keys(jax.random.fold_in(rng, step), max_examples,
-                                   num_examples))[:width]
-    return jnp.pad(order, (0, batch_size - width))
-
-  positions = jax.vmap(draw)(jnp.arange(steps))
-  real_steps = (num_examples + batch_size - 1) // batch_size
-  valid = (jnp.arange(batch_size)[None] < jnp.minimum(num_examples, batch_size)) & (
-      jnp.arange(steps)[:, None] < real_steps)
-  return positions, valid
+  order = jnp.argsort(_sort_keys(jax.random.fold_in(rng, index), max_examples,
+                                 num_examples))[:width]
+  return (jnp.pad(order, (0, batch_size - width)),
+          jnp.arange(batch_size) < jnp.minimum(num_examples, batch_size))
 
 
-def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                       num_epochs: int, batch_size: int, max_examples: int,
-                       sample_dp: Optional[SampleDP] = None):
-  """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng)`.
+def _finite_per_example(losses, grads) -> jax.Array:
+  """[batch] True where an example's loss and every entry of its gradient are finite."""
+  finite = jnp.isfinite(losses)
+  for g in jax.tree.leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+  return finite
 
-  `dataset` is a pytree of arrays with a leading example axis shared by all
-  clients; `example_ids` [max_examples] indexes it (entries past
-  `num_examples` are padding).
-  """
+
+def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                        num_epochs: int, batch_size: int, max_examples: int,
+                        sample_dp: Optional[SampleDP] = None) -> LocalTraining:
+  """`make_client_update` in pieces, for rounds that schedule clients' steps."""
 
   def mean_grads(params, frozen, batch, valid, rng):
     def masked_mean_loss(p):
@@ -94,43 +120,69 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
     losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
         params, batch, jax.random.split(example_rng, batch_size))
+    # Padding and examples with a NaN or Inf loss or gradient contribute zero, set before
+    # clipping: where, not multiply, since a NaN times zero is still NaN.
+    use = valid & _finite_per_example(losses, grads)
+    grads = jax.tree.map(
+        lambda g: jnp.where(use.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), grads)
     clipped, _ = jax.vmap(mechanisms.clip, in_axes=(0, None))(grads, sample_dp.clip_norm)
-    mask = valid.astype(jnp.float32)
-    summed = jax.tree.map(lambda g: jnp.tensordot(mask, g, axes=1), clipped)
+    summed = jax.tree.map(lambda g: jnp.sum(g, 0), clipped)
     noised = mechanisms.add_noise(noise_rng, summed,
                                   sample_dp.noise_multiplier * sample_dp.clip_norm)
     # The fixed batch size, not the count of real examples, keeps the noise scale public.
-    return jax.tree.map(lambda g: g / batch_size, noised), jnp.sum(losses * mask)
+    return jax.tree.map(lambda g: g / batch_size, noised), jnp.where(use, losses, 0).sum()
 
   grad_fn = private_grads if sample_dp else mean_grads
-  make_batches = sampled_batches if sample_dp else epoch_batches
+  make_batch = sampled_batch if sample_dp else epoch_batch
 
-  def client_update(trainable, frozen, dataset, example_ids, num_examples, rng):
-    epoch_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(num_epochs))
-    order_rngs, step_rngs = jax.vmap(jax.random.split, out_axes=1)(epoch_rngs)
-    positions, valid = jax.vmap(make_batches, in_axes=(0, None, None, None))(
-        order_rngs, num_examples, max_examples, batch_size)
-    # Only this client's real steps run: under vmap the loop lasts as long as the
-    # chunk's largest client needs, not as long as the largest client overall.
-    steps_per_epoch = (num_examples + batch_size - 1) // batch_size
+  def steps_per_epoch(num_examples):
+    return (num_examples + batch_size - 1) // batch_size
 
-    def step(t, carry):
-      params, opt_state, loss_sum = carry
-      epoch, index = t // steps_per_epoch, t % steps_per_epoch
-      batch_valid = valid[epoch, index]
-      batch = jax.tree.map(lambda x: x[example_ids[positions[epoch, index]]], dataset)
-      # Keys folded from (epoch, step): independent of the client's padding.
-      step_rng = jax.random.fold_in(step_rngs[epoch], index)
-      grads, batch_loss = grad_fn(params, frozen, batch, batch_valid, step_rng)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss_sum + batch_loss
+  def num_steps(num_examples):
+    return num_epochs * steps_per_epoch(num_examples)
 
-    init = (trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32))
-    trained, _, loss_sum = jax.lax.fori_loop(0, num_epochs * steps_per_epoch, step, init)
-    delta = jax.tree.map(jnp.subtract, trained, trainable)
-    return ClientOutput(delta, loss_sum, valid.sum())
+  def init(trainable):
+    zero = jnp.zeros((), jnp.int32)
+    return ClientState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32),
+                       zero, zero)
 
-  return client_update
+  def step(state, frozen, dataset, example_ids, num_examples, rng):
+    # At least 1: a round may step a client without examples and discard the result.
+    per_epoch = jnp.maximum(steps_per_epoch(num_examples), 1)
+    epoch, index = state.steps_done // per_epoch, state.steps_done % per_epoch
+    # Keys folded from (epoch, step): independent of the client's padding and of
+    # whatever else the round runs alongside it. The batch is derived afresh at every
+    # step (a sort of max_examples keys, cheap next to the model), so the client's state
+    # carries no batch plan.
+    order_rng, step_rng = jax.random.split(jax.random.fold_in(rng, epoch))
+    positions, valid = make_batch(order_rng, num_examples, max_examples, batch_size, index)
+    batch = jax.tree.map(lambda x: x[example_ids[positions]], dataset)
+    grads, batch_loss = grad_fn(state.params, frozen, batch, valid,
+                                jax.random.fold_in(step_rng, index))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return ClientState(optax.apply_updates(state.params, updates), opt_state,
+                       state.loss_sum + batch_loss, state.examples_seen + valid.sum(),
+                       state.steps_done + 1)
+
+  def finalize(state, trainable):
+    delta = jax.tree.map(jnp.subtract, state.params, trainable)
+    return ClientOutput(delta, state.loss_sum, state.examples_seen)
+
+  return LocalTraining(num_steps, init, step, finalize)
+
+
+def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                       num_epochs: int, batch_size: int, max_examples: int,
+                       sample_dp: Optional[SampleDP] = None):
+  """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng)`.
+
+  `dataset` is a pytree of arrays with a leading example axis shared by all
+  clients; `example_ids` [max_examples] indexes it (entries past
+  `num_examples` are padding).
+  """
+  return make_local_training(loss_fn, optimizer, num_epochs=num_epochs,
+                             batch_size=batch_size, max_examples=max_examples,
+                             sample_dp=sample_dp).run
 
 
 def sgd(learning_rate: float, momentum: float, weight_decay: float,

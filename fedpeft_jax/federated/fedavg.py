@@ -4,12 +4,22 @@ Each round the server samples a cohort, drops the clients that fail to
 report, runs the others' local updates vmapped over the client axis (the
 frozen backbone and the dataset broadcast, not batched) and aggregates their
 deltas (weighted mean, or DP-FedAvg); a server optimizer applies the result
-(`optax.sgd(1.0)` is plain FedAvg). Clients run in chunks, vmap within a chunk
-and a loop over as many chunks as there are reporting clients, so memory is
-bounded by the chunk size and a cohort of any size reuses one compilation.
+(`optax.sgd(1.0)` is plain FedAvg). At most `client_chunk` clients train at
+once, so memory is bounded by that and a cohort of any size reuses one
+compilation. Two schedules give the same result:
+
+- 'padded': chunks of clients, vmapped, one chunk after another. Every client
+  of a chunk computes as many steps as the chunk's largest needs, the
+  surplus masked away.
+- 'packed': `client_chunk` lanes step their clients one batch at a time. A
+  lane whose client is done takes the next one (continuous batching), and
+  once fewer clients are training than there are lanes, a step runs only the
+  lanes in training, as a sum of vmaps of 1, 2, 4, ... lanes (compiled once
+  each), so nearly every computed example is a real one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,6 +33,7 @@ from fedpeft_jax.federated import client as client_lib
 
 PyTree = Any
 SAMPLINGS = ('fixed', 'poisson')
+SCHEDULES = ('packed', 'padded')
 
 
 class ServerState(NamedTuple):
@@ -64,6 +75,11 @@ class RoundMetrics(NamedTuple):
   num_nonfinite: jax.Array  # Reported NaN or Inf and were left out.
   train_loss: jax.Array  # Mean per-example local training loss.
   aggregator: dict
+  # Batch rows holding the reporting clients' real examples, and all rows the round
+  # computed, padding included: their ratio is the share of its work that was real.
+  # (0 in metrics built by hand.)
+  examples_trained: jax.Array = 0
+  examples_computed: jax.Array = 0
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -120,6 +136,38 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _by_lane(mask, x):
+  """`mask` [clients...] shaped to select along the leading axes of `x` [clients..., ...]."""
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+class _Totals(NamedTuple):
+  """Running sums over the clients a round has trained so far."""
+  contributions: aggregators_lib.Contribution
+  num_used: jax.Array  # Clients with a finite update, the ones summed.
+  num_nonfinite: jax.Array
+  loss_sum: jax.Array  # The used clients' training losses...
+  examples_used: jax.Array  # ...and the number of examples they are over.
+  examples_trained: jax.Array  # See RoundMetrics.
+  examples_computed: jax.Array
+
+
+class _Lanes(NamedTuple):
+  """The packed schedule's clients in training, one per lane: [devices, lanes per
+  device] while stepping, flattened to [lanes] between steps."""
+  client: jax.Array  # int32: the client a lane trains, -1 if it has none.
+  num_steps: jax.Array  # int32: that client's local steps; 0 if none.
+  local: client_lib.ClientState  # Batched over lanes.
+
+  @property
+  def training(self):
+    return self.local.steps_done < self.num_steps
+
+  @property
+  def finished(self):  # Done training, its update not yet added to the sums.
+    return (self.client >= 0) & ~self.training
+
+
 def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransformation, *,
            num_epochs: int, batch_size: int, max_examples: int, clients_per_round: int,
            num_clients: int, client_chunk: int | None = None, sampling: str = 'fixed',
@@ -127,30 +175,38 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
            aggregator: aggregators_lib.Aggregator | None = None,
            server_optimizer: optax.GradientTransformation | None = None,
            sample_dp: client_lib.SampleDP | None = None,
-           mesh: jax.sharding.Mesh | None = None) -> FederatedAlgorithm:
+           mesh: jax.sharding.Mesh | None = None,
+           schedule: str = 'packed') -> FederatedAlgorithm:
   """Builds FedAvg on `loss_fn(trainable, frozen, batch, rng) -> per-example losses`.
 
-  With a `mesh` whose one axis is 'clients', each chunk's clients are spread
-  over its devices; everything else (the frozen backbone, the dataset, the
-  global trainable parameters) is replicated, and the sums over clients become
-  all-reduces.
+  With a `mesh` whose one axis is 'clients', the clients training at once are
+  spread over its devices; everything else (the frozen backbone, the dataset,
+  the global trainable parameters) is replicated, and the sums over clients
+  become all-reduces.
   """
   if sampling not in SAMPLINGS:
     raise errors.UserError(f'sampling={sampling!r}: allowed {SAMPLINGS}')
+  if schedule not in SCHEDULES:
+    raise errors.UserError(f'schedule={schedule!r}: use one of {SCHEDULES}',
+                           argument='schedule')
   chunk = client_chunk or clients_per_round
-  if mesh is not None and chunk % mesh.size:
+  devices = 1 if mesh is None else mesh.size
+  if chunk % devices:
     raise errors.UserError(f'fl.client_chunk={chunk} (0 means fl.clients_per_round) must be a '
-                     f'multiple of the {mesh.size} devices the clients are sharded over')
+                     f'multiple of the {devices} devices the clients are sharded over')
   by_client = (lambda x: x) if mesh is None else (
       lambda x: jax.lax.with_sharding_constraint(
           x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('clients'))))
   aggregator = aggregator or aggregators_lib.weighted_mean()
   server_optimizer = server_optimizer or optax.sgd(1.0)
-  client_update = client_lib.make_client_update(
+  local = client_lib.make_local_training(
       loss_fn, client_optimizer, num_epochs=num_epochs, batch_size=batch_size,
       max_examples=max_examples, sample_dp=sample_dp)
-  vmapped_update = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0))
   contribute = jax.vmap(aggregator.contribute, in_axes=(0, 0, None))
+  lanes_per_device = chunk // devices
+  # A packed step runs the lanes in training on each device as a sum of distinct powers
+  # of two, one compiled vmap each: no lane computes without a client (on one device).
+  pieces = tuple(2**p for p in reversed(range(lanes_per_device.bit_length())))
 
   def init(trainable, rng):
     return ServerState(trainable, server_optimizer.init(trainable), aggregator.init(),
@@ -161,56 +217,143 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     clients, sampled = sample_cohort(keys.sampling, sampling, num_clients, clients_per_round)
     dropped = jax.random.bernoulli(keys.dropout, dropout_prob, sampled.shape)
     reported = sampled & ~dropped
-    # Reporting clients first (only they are trained), largest first: a chunk runs as
-    # long as its largest client, so chunks of similar sizes waste the least.
-    order = jnp.lexsort((-table.num_examples[clients], ~reported))
     num_reporting = reported.sum()
-    capacity = -(-clients.shape[0] // chunk) * chunk
-    ids = jnp.pad(clients[order], (0, capacity - clients.shape[0]))
+    # Reporting clients first (only they are trained), largest first: a chunk runs as
+    # long as its largest client, so chunks of similar sizes waste the least, and packed
+    # lanes run out of clients at about the same time.
+    queue = clients[jnp.lexsort((-table.num_examples[clients], ~reported))]
 
-    def run_chunk(i, totals):
-      sums, count, nonfinite, loss_sum, seen = totals
-      chunk_ids = by_client(jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,)))
-      in_cohort = i * chunk + jnp.arange(chunk) < num_reporting
-      counts = table.num_examples[chunk_ids]
-      rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(keys.clients, chunk_ids)
-      out = vmapped_update(state.trainable, frozen, dataset, table.example_ids[chunk_ids],
-                           counts, rngs)
+    def client_inputs(client):
+      """What `client` trains on besides the parameters: its examples and its key."""
+      return (table.example_ids[client], table.num_examples[client],
+              jax.random.fold_in(keys.clients, client))
+
+    def add_clients(totals: _Totals, ids, out: client_lib.ClientOutput, in_cohort):
+      """Adds the updates of clients `ids` where `in_cohort` to the sums, if finite."""
       finite = jax.vmap(_all_finite)(out.delta) & jnp.isfinite(out.loss_sum)
       use = in_cohort & finite
-      contribution = contribute(out.delta, counts, state.aggregator_state)
+      contribution = contribute(out.delta, table.num_examples[ids], state.aggregator_state)
       # where, not multiply: a NaN times zero is still NaN.
       masked_sum = lambda x, total: total + jnp.sum(
-          jnp.where(use.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0).astype(total.dtype), 0)
-      sums = jax.tree.map(masked_sum, contribution, sums)
-      return (sums, count + use.sum(), nonfinite + (in_cohort & ~finite).sum(),
-              loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
-              seen + jnp.where(use, out.examples_seen, 0).sum())
+          jnp.where(_by_lane(use, x), x, 0).astype(total.dtype), 0)
+      return _Totals(
+          jax.tree.map(masked_sum, contribution, totals.contributions),
+          totals.num_used + use.sum(), totals.num_nonfinite + (in_cohort & ~finite).sum(),
+          totals.loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
+          totals.examples_used + jnp.where(use, out.examples_seen, 0).sum(),
+          totals.examples_trained + jnp.where(in_cohort, out.examples_seen, 0).sum(),
+          totals.examples_computed)
+
+    def train_padded(totals):
+      capacity = -(-queue.shape[0] // chunk) * chunk
+      ids = jnp.pad(queue, (0, capacity - queue.shape[0]))
+
+      def run_chunk(i, totals):
+        chunk_ids = by_client(jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,)))
+        out = jax.vmap(lambda c: local.run(state.trainable, frozen, dataset,
+                                           *client_inputs(c)))(chunk_ids)
+        # Every lane computes as many steps as the chunk's largest client takes.
+        computed = chunk * local.num_steps(table.num_examples[chunk_ids]).max() * batch_size
+        totals = totals._replace(examples_computed=totals.examples_computed + computed)
+        return add_clients(totals, chunk_ids, out,
+                           i * chunk + jnp.arange(chunk) < num_reporting)
+
+      return jax.lax.fori_loop(0, (num_reporting + chunk - 1) // chunk, run_chunk, totals)
+
+    def train_packed(totals):
+      def step_piece(width, lanes: _Lanes, start) -> _Lanes:
+        """One local step of the clients in lanes [start, start + width) of each device."""
+        piece = jax.tree.map(
+            lambda x: by_client(jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)), lanes)
+        stepped = jax.vmap(jax.vmap(
+            lambda client_state, c: local.step(client_state, frozen, dataset,
+                                               *client_inputs(c))))(
+            piece.local, jnp.maximum(piece.client, 0))
+        # On a device with fewer clients in training than the piece is wide, the lanes
+        # past them (free, or finished and not yet collected) keep their state.
+        kept = jax.tree.map(lambda new, old: jnp.where(_by_lane(piece.training, new), new, old),
+                            stepped, piece.local)
+        return lanes._replace(local=jax.tree.map(
+            lambda x, new: jax.lax.dynamic_update_slice_in_dim(x, new, start, axis=1),
+            lanes.local, kept))
+
+      def turnover(carry):
+        """Adds finished clients' updates to the sums, gives free lanes the next clients
+        in the queue and moves the lanes in training to the front of every device."""
+        lanes, next_in_queue, totals = carry
+        lanes = jax.tree.map(lambda x: x.reshape((chunk,) + x.shape[2:]), lanes)
+        totals = add_clients(
+            totals, jnp.maximum(lanes.client, 0),
+            jax.vmap(local.finalize, in_axes=(0, None))(lanes.local, state.trainable),
+            lanes.finished)
+        free = ~lanes.training
+        position = next_in_queue + jnp.cumsum(free) - 1
+        takes = free & (position < num_reporting)
+        client = jnp.where(takes, queue[jnp.minimum(position, queue.shape[0] - 1)],
+                           jnp.where(free, -1, lanes.client))
+        lanes = _Lanes(
+            client,
+            jnp.where(client >= 0, local.num_steps(table.num_examples[jnp.maximum(client, 0)]), 0),
+            jax.tree.map(lambda fresh, x: jnp.where(_by_lane(takes, x), fresh, x),
+                         local.init(state.trainable), lanes.local))
+        # Rank r in training order goes to device r % devices, slot r // devices: every
+        # device's clients in training come first, and the devices share them evenly.
+        training_first = jnp.argsort(~lanes.training, stable=True)
+        placed = training_first[jnp.arange(chunk).reshape(lanes_per_device, devices).T]
+        lanes = jax.tree.map(lambda x: by_client(x[placed]), lanes)
+        return lanes, next_in_queue + takes.sum(), totals
+
+      def step(carry):
+        lanes, next_in_queue, totals = carry
+        remaining = -(-lanes.training.sum() // devices)  # Lanes to run on each device.
+        start = jnp.zeros((), jnp.int32)
+        for width in pieces:
+          run = remaining >= width
+          lanes = jax.lax.cond(run, functools.partial(step_piece, width),
+                               lambda lanes, _: lanes, lanes, start)
+          start, remaining = start + run * width, remaining - run * width
+        totals = totals._replace(
+            examples_computed=totals.examples_computed + start * devices * batch_size)
+        carry = lanes, next_in_queue, totals
+        return jax.lax.cond(lanes.finished.any(), turnover, lambda c: c, carry)
+
+      no_clients = _Lanes(
+          jnp.full((devices, lanes_per_device), -1, jnp.int32),
+          jnp.zeros((devices, lanes_per_device), jnp.int32),
+          jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, lanes_per_device) + x.shape),
+                       local.init(state.trainable)))
+      carry = turnover((no_clients, jnp.zeros((), jnp.int32), totals))
+      _, _, totals = jax.lax.while_loop(lambda c: (c[0].client >= 0).any(), step, carry)
+      return totals
 
     zero_contribution = jax.tree.map(
         lambda x: jnp.zeros(x.shape[1:], jnp.float32),
         jax.eval_shape(contribute, jax.tree.map(lambda x: x[None], state.trainable),
                        jnp.ones(1, jnp.int32), state.aggregator_state))
     zero = jnp.zeros((), jnp.int32)
-    totals = (zero_contribution, zero, zero, jnp.zeros(()), zero)
-    sums, count, nonfinite, loss_sum, seen = jax.lax.fori_loop(
-        0, (num_reporting + chunk - 1) // chunk, run_chunk, totals)
+    train = train_packed if schedule == 'packed' else train_padded
+    totals = train(_Totals(zero_contribution, zero, zero, jnp.zeros(()), zero, zero, zero))
 
-    aggregate = aggregator.finalize(sums, count, state.aggregator_state, keys.aggregation)
+    aggregate = aggregator.finalize(totals.contributions, totals.num_used,
+                                    state.aggregator_state, keys.aggregation)
     mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), aggregate.mean_delta,
                               state.trainable)
     # The server optimizer descends along the negative average update.
     updates, opt_state = server_optimizer.update(
         jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.trainable)
-    # A round where no client reported leaves the model and optimizer as they were.
-    keep_if_empty = lambda new, old: jnp.where(count > 0, new, old)
-    trainable = jax.tree.map(keep_if_empty, optax.apply_updates(state.trainable, updates),
-                             state.trainable)
-    opt_state = jax.tree.map(keep_if_empty, opt_state, state.opt_state)
+    # The aggregator decides whether a round without reports changes anything: the
+    # weighted mean has nothing to apply, DP still releases its noise.
+    keep_unless_released = lambda new, old: jnp.where(aggregate.released, new, old)
+    trainable = jax.tree.map(keep_unless_released,
+                             optax.apply_updates(state.trainable, updates), state.trainable)
+    opt_state = jax.tree.map(keep_unless_released, opt_state, state.opt_state)
     metrics = RoundMetrics(
         clients=jnp.where(sampled, clients, -1), reported=reported,
-        num_sampled=sampled.sum(), num_reported=count, num_nonfinite=nonfinite,
-        train_loss=loss_sum / jnp.maximum(seen, 1), aggregator=aggregate.metrics)
+        num_sampled=sampled.sum(), num_reported=totals.num_used,
+        num_nonfinite=totals.num_nonfinite,
+        train_loss=totals.loss_sum / jnp.maximum(totals.examples_used, 1),
+        aggregator=aggregate.metrics, examples_trained=totals.examples_trained,
+        examples_computed=totals.examples_computed)
     return ServerState(trainable, opt_state, aggregate.state, state.round + 1,
                        state.rng), metrics
 

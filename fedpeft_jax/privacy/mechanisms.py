@@ -32,18 +32,20 @@ def add_noise(rng, tree, stddev):
                       gaussian_noise(rng, tree, stddev))
 
 
-def adaptive_delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+def adaptive_delta_noise_multiplier(noise_multiplier: float,
+                                    clipped_count_stddev: float) -> float:
   """Noise multiplier left for the updates when the clip count also takes its share.
 
   Andrew et al. (2021), Theorem 1: releasing the noised sum of updates with
-  multiplier z_delta and the noised count of unclipped clients with stddev
+  multiplier z_delta and the noised sum of centred indicators b_i - 1/2 (an
+  unclipped client's 1/2, a clipped one's -1/2: sensitivity 1/2) with stddev
   sigma_b is as private as one Gaussian mechanism with multiplier z where
   z^-2 = z_delta^-2 + (2 sigma_b)^-2.
   """
-  remaining = noise_multiplier ** -2 - (2 * count_stddev) ** -2
+  remaining = noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2
   if remaining <= 0:
     raise errors.UserError(
-        f'dp.clipped_count_stddev={count_stddev} is too small for '
-        f'dp.noise_multiplier={noise_multiplier}: it must exceed '
-        f'{1 / (2 * noise_multiplier):.4g} (1 / (2 * noise_multiplier))')
+        f'clipped_count_stddev={clipped_count_stddev} is too small for '
+        f'noise_multiplier={noise_multiplier}: it must exceed '
+        f'{noise_multiplier / 2:.4g} (noise_multiplier / 2)', argument='clipped_count_stddev')
   return remaining ** -0.5

@@ -1,0 +1,232 @@
+"""--mode=report: runs read back from their workdirs into a table of seed statistics and
+figures; hand-written runs for the arithmetic, one real run end to end."""
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from fedpeft_jax.experiment import results
+from fedpeft_jax.experiment import train
+from tests.conftest import REPO, tiny_config
+from tests.test_launch import _one_error_line
+
+MIB = 2**20
+ROUNDS = 4  # Evaluated on rounds 2 and 4.
+# (config argument, seed) -> test accuracy on rounds 2 and 4. With the default target 0.7,
+# bias reaches it on round 4 (seed 0) and 2 (seed 1); bias+lora under DP only with seed 1,
+# exactly, on round 2.
+ACCURACY = {('bias', 0): (0.60, 0.75), ('bias', 1): (0.72, 0.71),
+            ('bias+lora,dp=client', 0): (0.50, 0.60), ('bias+lora,dp=client', 1): (0.70, 0.68)}
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _config(arg, seed):
+  config = tiny_config(arg)
+  config.seed, config.fl.rounds, config.fl.eval_every = seed, ROUNDS, 2
+  return config
+
+
+def _records(arg, seed):
+  """metrics.jsonl records as a run writes them; traffic varies by round and seed, as
+  Poisson sampling makes it."""
+  trainable = 772 if arg == 'bias' else 2820
+  records, sent = [], 0
+  for r in range(1, ROUNDS + 1):
+    sent += 4 * trainable * 2 * (3 + (r + seed) % 3)
+    record = {'round': r, 'train_loss': 1.0 / r, 'bytes_cumulative': sent,
+              'trainable_params': trainable, 'wall_s': 1.5 * r + seed}
+    if r % 2 == 0:
+      record['test_accuracy'] = ACCURACY[arg, seed][r // 2 - 1]
+      if 'dp=client' in arg:
+        record['epsilon'] = 0.8 * r + 0.1 * seed
+    records.append(record)
+  return records
+
+
+def _write_run(folder, config, records):
+  folder.mkdir(parents=True)
+  (folder / 'config.json').write_text(json.dumps(config.to_dict()))
+  (folder / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+@pytest.fixture
+def sweep_root(tmp_path):
+  """Two groups of two seeds, at different depths, as a sweep and hand-made runs mix."""
+  for (arg, seed) in ACCURACY:
+    depth = 'nested/deeper/' if seed else ''
+    _write_run(tmp_path / f'{depth}{arg.replace(",", "_")}_seed{seed}', _config(arg, seed),
+               _records(arg, seed))
+  return tmp_path
+
+
+def _metrics(root):
+  """Every run's records, by (config argument, seed), read back from the files."""
+  runs = {}
+  for path in root.rglob('metrics.jsonl'):
+    config = json.loads((path.parent / 'config.json').read_text())
+    arg = config['peft']['method'] + (',dp=client' if config['dp']['mode'] == 'client' else '')
+    runs[arg, config['seed']] = [json.loads(l) for l in path.read_text().splitlines()]
+  return runs
+
+
+def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
+  rows = results.write_report(str(sweep_root))
+  metrics = _metrics(sweep_root)
+  assert list(rows) == ['method=bias+lora, dp=client', 'method=bias, dp=none']
+  for label, arg in (('method=bias, dp=none', 'bias'),
+                     ('method=bias+lora, dp=client', 'bias+lora,dp=client')):
+    runs = [metrics[arg, seed] for seed in (0, 1)]
+    evaluated = [[r for r in run if 'test_accuracy' in r] for run in runs]
+    finals = [run[-1]['test_accuracy'] for run in runs]
+    bests = [max(r['test_accuracy'] for r in e) for e in evaluated]
+    reached = [next((r['bytes_cumulative'] for r in e if r['test_accuracy'] >= 0.7), None)
+               for e in evaluated]
+    reached = [b for b in reached if b is not None]
+    row = rows[label]
+    assert row['n'] == 2 and row['rounds'] == ROUNDS and row['target_accuracy'] == 0.7
+    assert row['final_accuracy_mean'] == pytest.approx(statistics.mean(finals))
+    assert row['final_accuracy_std'] == pytest.approx(statistics.stdev(finals))
+    assert row['best_accuracy_mean'] == pytest.approx(statistics.mean(bests))
+    assert row['best_accuracy_std'] == pytest.approx(statistics.stdev(bests))
+    assert row['reached_target'] == len(reached)
+    assert row['mib_to_target_mean'] == pytest.approx(statistics.mean(reached) / MIB)
+    assert row['total_mib_mean'] == pytest.approx(
+        statistics.mean(run[-1]['bytes_cumulative'] for run in runs) / MIB)
+    assert row['trainable_params'] == runs[0][-1]['trainable_params']
+    assert row['wall_s_mean'] == pytest.approx(statistics.mean(run[-1]['wall_s'] for run in runs))
+  # The hand-picked accuracies: both bias seeds reach 70% (rounds 4 and 2), one DP seed does.
+  assert rows['method=bias, dp=none']['reached_target'] == 2
+  assert rows['method=bias+lora, dp=client']['reached_target'] == 1
+  assert rows['method=bias+lora, dp=client']['epsilon_mean'] == pytest.approx(
+      statistics.mean([3.2, 3.3]))
+  assert rows['method=bias, dp=none']['epsilon_mean'] is None
+
+  with open(sweep_root / 'report.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [r['group'] for r in table] == list(rows)
+  for written, row in zip(table, rows.values()):
+    assert written == {k: '' if v is None else str(v) for k, v in row.items()}
+  markdown = (sweep_root / 'report.md').read_text()
+  bias = rows['method=bias, dp=none']
+  assert (f"| method=bias, dp=none | 2 | {100 * bias['final_accuracy_mean']:.2f} ± "
+          f"{100 * bias['final_accuracy_std']:.2f} |") in markdown
+  assert f"{bias['mib_to_target_mean']:.2f} (2/2)" in markdown
+  assert '![accuracy_vs_epsilon](accuracy_vs_epsilon.png)' in markdown
+  assert '`nested/deeper/bias_seed1`' in markdown
+
+
+def test_the_figures_are_pngs_and_epsilon_only_under_dp(sweep_root, tmp_path_factory):
+  results.write_report(str(sweep_root))
+  for name in ('accuracy_vs_round', 'accuracy_vs_communication', 'accuracy_vs_epsilon'):
+    data = (sweep_root / f'{name}.png').read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+
+  without_dp = tmp_path_factory.mktemp('without_dp')
+  for seed in (0, 1):
+    _write_run(without_dp / f'bias_{seed}', _config('bias', seed), _records('bias', seed))
+  rows = results.write_report(str(without_dp))
+  assert list(rows) == ['method=bias']  # One group: named by its method.
+  assert (without_dp / 'accuracy_vs_communication.png').exists()
+  assert not (without_dp / 'accuracy_vs_epsilon.png').exists()
+
+
+def test_a_single_seed_has_no_std(tmp_path):
+  _write_run(tmp_path / 'run', _config('bias', 0), _records('bias', 0))
+  row = results.write_report(str(tmp_path))['method=bias']
+  assert row['n'] == 1 and row['final_accuracy_std'] is None
+  assert row['final_accuracy_mean'] == 0.75
+
+
+def test_a_dp_run_without_noise_reports_infinite_epsilon(tmp_path):
+  records = _records('bias+lora,dp=client', 0)
+  for r in records[1::2]:
+    r['epsilon'] = 'inf'  # As a run writes it: JSON has no infinity.
+  _write_run(tmp_path / 'run', _config('bias+lora,dp=client', 0), records)
+  row = results.write_report(str(tmp_path))['method=bias+lora']
+  assert row['epsilon_mean'] == float('inf')
+  assert (tmp_path / 'accuracy_vs_epsilon.png').exists()
+
+
+def test_labels_name_the_paper_axes_that_differ_not_what_follows_from_them(tmp_path):
+  # bias and lora differ in their learning rate too; participation in clients_per_round.
+  for arg in ('bias', 'lora', 'lora,participation=1.0'):
+    config = _config(arg, 0)
+    _write_run(tmp_path / arg.replace(',', '_'), config, _records('bias', 0))
+  assert list(results.write_report(str(tmp_path))) == [
+      'method=bias, clients_per_round=4', 'method=lora, clients_per_round=4',
+      'method=lora, clients_per_round=8']
+
+
+def test_the_target_comes_from_the_configs_or_the_argument(sweep_root):
+  assert results.write_report(str(sweep_root), 0.74)['method=bias, dp=none'][
+      'reached_target'] == 1
+  other = _config('bias', 2)
+  other.report.target_accuracy = 0.8
+  _write_run(sweep_root / 'bias_seed2', other, _records('bias', 0))
+  with pytest.raises(results.ReportError,
+                     match=r'report.target_accuracy is missing or differs .*0.7 in .*; 0.8 in '
+                           r'.*bias_seed2\): pass --target_accuracy'):
+    results.write_report(str(sweep_root))
+  rows = results.write_report(str(sweep_root), 0.7)
+  assert rows['method=bias, dp=none']['n'] == 3
+  with pytest.raises(results.ReportError, match='target accuracy 70: must be a fraction'):
+    results.write_report(str(sweep_root), 70)
+
+
+def test_runs_that_cannot_be_compared_are_refused_naming_the_folder(sweep_root):
+  run = sweep_root / 'bias_seed0'
+  metrics = (run / 'metrics.jsonl').read_text()
+  (run / 'metrics.jsonl').write_text(metrics.rsplit('\n', 2)[0] + '\n')  # Round 3 of 4.
+  with pytest.raises(results.ReportError, match=f'{run}: unfinished, round 3 of fl.rounds=4'):
+    results.write_report(str(sweep_root))
+  _write_run(sweep_root / 'copy', _config('bias', 1), _records('bias', 1))
+  (run / 'metrics.jsonl').write_text(metrics)
+  with pytest.raises(results.ReportError, match='are the same run .*same config and seed'):
+    results.write_report(str(sweep_root))
+
+
+def _report(root, *flags):
+  return subprocess.run([sys.executable, str(REPO / 'launch.py'), '--mode=report',
+                         f'--workdir={root}', *flags], capture_output=True, text=True)
+
+
+def test_a_real_run_reported_from_the_command_line(tmp_path):
+  config = tiny_config('bias')
+  config.fl.rounds = 2
+  history = train.train(config, str(tmp_path / 'sweep' / 'bias'))
+  result = _report(tmp_path / 'sweep')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '| method=bias | 1 |' in result.stdout and 'report.md' in result.stdout
+  with open(tmp_path / 'sweep' / 'report.csv') as f:
+    (row,) = csv.DictReader(f)
+  assert float(row['final_accuracy_mean']) == history[-1]['test_accuracy']
+  assert float(row['best_accuracy_mean']) == max(r['test_accuracy'] for r in history)
+  assert float(row['total_mib_mean']) == history[-1]['bytes_cumulative'] / MIB
+  assert int(row['trainable_params']) == 772 and int(row['rounds']) == 2
+  assert float(row['target_accuracy']) == 0.7 and row['epsilon_mean'] == ''
+  for name in ('accuracy_vs_round', 'accuracy_vs_communication'):
+    assert (tmp_path / 'sweep' / f'{name}.png').read_bytes().startswith(PNG_SIGNATURE)
+
+  (tmp_path / 'empty').mkdir()
+  _one_error_line(_report(tmp_path / 'empty'), f'--workdir={tmp_path / "empty"}: no runs in it')
+
+  metrics = tmp_path / 'sweep' / 'bias' / 'metrics.jsonl'
+  lines = metrics.read_text().splitlines()
+  last = json.loads(lines[-1])
+  del last['test_accuracy']
+  metrics.write_text('\n'.join(lines[:-1] + [json.dumps(last)]) + '\n')
+  _one_error_line(_report(tmp_path / 'sweep'), f'{metrics}: the last round (2) has no '
+                  'test_accuracy')
+
+  (tmp_path / 'sweep' / 'bias' / 'config.json').unlink()
+  _one_error_line(_report(tmp_path / 'sweep', '--target_accuracy=0.5'),
+                  f'{tmp_path / "sweep" / "bias"}: no config.json')
+
+
+def test_every_other_mode_needs_a_config(tmp_path):
+  result = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--mode=masks',
+                           f'--workdir={tmp_path}'], capture_output=True, text=True)
+  assert _one_error_line(result, '') == 'error: --mode=masks needs --config=FILE'
