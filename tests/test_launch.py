@@ -33,7 +33,7 @@ def _wait_for_checkpoint(process, workdir, round_index):
 
 
 def _one_error_line(result, needle):
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert result.returncode == 2, (needle, result.returncode, result.stderr[-2000:])
   assert 'Traceback' not in result.stderr
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
@@ -166,17 +166,23 @@ MISTAKES = {
 
 @needs(TI4_CHECKPOINT)
 @needs(PCAM)
-@pytest.mark.parametrize('mistake', MISTAKES)
-def test_every_mistake_is_one_line_exit_2_before_any_data_is_read(tmp_path, mistake):
-  config, workdir, flags, elsewhere, needle = MISTAKES[mistake]
-  workdir = workdir(tmp_path) if workdir else tmp_path / 'work'
-  flags = [f(tmp_path) if callable(f) else f for f in flags]
-  result = launch(workdir, *flags, config=config, cwd=tmp_path if elsewhere else REPO)
-  line = _one_error_line(result, needle)
-  if elsewhere:
-    assert str(tmp_path) in line
-  assert 'loading' not in result.stdout  # Nothing was decoded.
-  assert not (tmp_path / 'work' / 'metrics.jsonl').exists()
+def test_every_mistake_is_one_line_exit_2_before_any_data_is_read(tmp_path):
+  runs = {}
+  for i, (mistake, (config, workdir, flags, elsewhere, needle)) in enumerate(MISTAKES.items()):
+    case = tmp_path / str(i)
+    case.mkdir()
+    workdir = workdir(case) if workdir else case / 'work'
+    flags = [f(case) if callable(f) else f for f in flags]
+    runs[mistake] = (case, elsewhere, needle, launch(  # All at once: each mostly imports.
+        workdir, *flags, config=config, cwd=case if elsewhere else REPO, wait=False))
+  for mistake, (case, elsewhere, needle, process) in runs.items():
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    line = _one_error_line(result, needle)
+    if elsewhere:
+      assert str(case) in line, mistake
+    assert 'loading' not in result.stdout, mistake  # Nothing was decoded.
+    assert not (case / 'work' / 'metrics.jsonl').exists(), mistake
 
 
 def test_folder_with_too_few_classes_fails_with_exit_2(tmp_path):

@@ -197,6 +197,9 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
   by_client = (lambda x: x) if mesh is None else (
       lambda x: jax.lax.with_sharding_constraint(
           x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('clients'))))
+  whole = (lambda x: x) if mesh is None else (
+      lambda x: jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
   aggregator = aggregator or aggregators_lib.weighted_mean()
   server_optimizer = server_optimizer or optax.sgd(1.0)
   local = client_lib.make_local_training(
@@ -233,9 +236,12 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
       finite = jax.vmap(_all_finite)(out.delta) & jnp.isfinite(out.loss_sum)
       use = in_cohort & finite
       contribution = contribute(out.delta, table.num_examples[ids], state.aggregator_state)
-      # where, not multiply: a NaN times zero is still NaN.
+      # where, not multiply: a NaN times zero is still NaN. The clients' contributions are
+      # gathered whole before summing, in one order on every device: the sums, and so the
+      # model, are bit-identical on any number of devices and hosts (an all-reduce's order
+      # depends on the topology).
       masked_sum = lambda x, total: total + jnp.sum(
-          jnp.where(_by_lane(use, x), x, 0).astype(total.dtype), 0)
+          whole(jnp.where(_by_lane(use, x), x, 0)).astype(total.dtype), 0)
       return _Totals(
           jax.tree.map(masked_sum, contribution, totals.contributions),
           totals.num_used + use.sum(), totals.num_nonfinite + (in_cohort & ~finite).sum(),
