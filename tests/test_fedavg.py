@@ -62,7 +62,8 @@ EQUIVALENCE_CASES = {
 @pytest.mark.parametrize('case', EQUIVALENCE_CASES)
 def test_both_schedules_equal_a_per_client_loop(case):
   """Uneven clients (one without examples), 6 a round through 3 lanes: the padded round
-  runs two chunks, the packed one hands lanes new clients and narrows to 2 and 1 lanes."""
+  runs two chunks, the packed one hands free lanes new clients and, once the queue is
+  empty, steps only the lanes still training."""
   options = dict(EQUIVALENCE_CASES[case])
   loss_fn = options.pop('loss_fn', linear_loss_fn)
   aggregator = options.setdefault('aggregator', aggregators.weighted_mean())

@@ -75,7 +75,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path
   run = launch(tmp_path, *LONG_RUN, wait=False)
   _wait_for_checkpoint(run, tmp_path, 2)
   run.send_signal(signal.SIGINT)
-  _, stderr = run.communicate(timeout=60)
+  _, stderr = run.communicate(timeout=180)
   assert run.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
   lines = [l for l in stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith('interrupted: the last checkpoint is round ')

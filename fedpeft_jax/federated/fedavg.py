@@ -14,12 +14,11 @@ compilation. Two schedules give the same result:
 - 'packed': `client_chunk` lanes step their clients one batch at a time. A
   lane whose client is done takes the next one (continuous batching), and
   once fewer clients are training than there are lanes, a step runs only the
-  lanes in training, as a sum of vmaps of 1, 2, 4, ... lanes (compiled once
-  each), so nearly every computed example is a real one.
+  lanes in training, in pieces of a few vmap widths (all lanes, 16, 4, 1;
+  compiled once each), so nearly every computed example is a real one.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -207,9 +206,12 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
       max_examples=max_examples, sample_dp=sample_dp)
   contribute = jax.vmap(aggregator.contribute, in_axes=(0, 0, None))
   lanes_per_device = chunk // devices
-  # A packed step runs the lanes in training on each device as a sum of distinct powers
-  # of two, one compiled vmap each: no lane computes without a client (on one device).
-  pieces = tuple(2**p for p in reversed(range(lanes_per_device.bit_length())))
+  # A packed step runs the lanes in training on each device in pieces of these widths,
+  # each a vmap compiled once: all lanes, then powers of four (fewer copies of the step
+  # to compile than powers of two, for at most three pieces of a width). Width 1 is
+  # among them, so (on one device) no lane computes without a client.
+  widths = sorted({lanes_per_device} | {4**p for p in range(lanes_per_device.bit_length())
+                                        if 4**p < lanes_per_device}, reverse=True)
 
   def init(trainable, rng):
     return ServerState(trainable, server_optimizer.init(trainable), aggregator.init(),
@@ -288,10 +290,13 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         in the queue and moves the lanes in training to the front of every device."""
         lanes, next_in_queue, totals = carry
         lanes = jax.tree.map(lambda x: x.reshape((chunk,) + x.shape[2:]), lanes)
+        # Finished clients first, by id: they are summed in the same order whichever
+        # devices their lanes are on, so the model is the same bit for bit on any number.
+        done = jax.tree.map(lambda x: x[jnp.lexsort((lanes.client, ~lanes.finished))], lanes)
         totals = add_clients(
-            totals, jnp.maximum(lanes.client, 0),
-            jax.vmap(local.finalize, in_axes=(0, None))(lanes.local, state.trainable),
-            lanes.finished)
+            totals, jnp.maximum(done.client, 0),
+            jax.vmap(local.finalize, in_axes=(0, None))(done.local, state.trainable),
+            done.finished)
         free = ~lanes.training
         position = next_in_queue + jnp.cumsum(free) - 1
         takes = free & (position < num_reporting)
@@ -313,11 +318,11 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         lanes, next_in_queue, totals = carry
         remaining = -(-lanes.training.sum() // devices)  # Lanes to run on each device.
         start = jnp.zeros((), jnp.int32)
-        for width in pieces:
-          run = remaining >= width
-          lanes = jax.lax.cond(run, functools.partial(step_piece, width),
-                               lambda lanes, _: lanes, lanes, start)
-          start, remaining = start + run * width, remaining - run * width
+        for width in widths:
+          pieces = remaining // width
+          lanes = jax.lax.fori_loop(
+              0, pieces, lambda i, lanes: step_piece(width, lanes, start + i * width), lanes)
+          start, remaining = start + pieces * width, remaining - pieces * width
         totals = totals._replace(
             examples_computed=totals.examples_computed + start * devices * batch_size)
         carry = lanes, next_in_queue, totals
