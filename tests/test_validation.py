@@ -24,6 +24,7 @@ from tests.conftest import REPO, tiny_config
     ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),
     ('data.partition', 'shards', 'must be one of iid, dirichlet'),
     ('fl.dropout_prob', 1.0, 'must be in [0, 1)'),
+    ('fl.schedule', 'fast', 'must be one of packed, padded'),
 ])
 def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
   config = tiny_config()
