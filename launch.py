@@ -76,10 +76,6 @@ def _fail(message: str):
   sys.exit(EXIT_USER_ERROR)
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-  return next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')), None)
-
-
 def _unknown_config_key(argv: list[str]) -> str | None:
   """The first `--config.KEY=...` whose KEY no config has, as a message with the closest."""
   known = list(configs.flat_config(configs.base_config()))
@@ -119,7 +115,7 @@ def _load_config():
     config.peft  # ml_collections defers a missing file's error until first use.
     return config
   except OSError:
-    path = _flag_value(sys.argv, 'config').split(':', 1)[0]
+    path = flags.FLAGS['config'].config_filename.split(':', 1)[0]
     _fail(f'--config={path}: no such config file (relative paths start at the working '
           f'directory {os.getcwd()}); the shipped ones are in experiments/')
 

@@ -69,13 +69,10 @@ def _train_locked(config, workdir: str, primary: bool) -> list[dict]:
     console.say(f'resuming from round {step} of {workdir}')
 
   fl = config.fl
-  callbacks = [
-      traffic,
-      callbacks_lib.RoundSummary(experiment.num_trainable),
-      callbacks_lib.Evaluation(experiment.evaluate, fl.eval_every, rounds),
-  ]
+  callbacks = [traffic, callbacks_lib.RoundSummary(experiment.num_trainable)]
   if config.dp.mode != 'client':  # Under client DP the noised update is released anyway.
-    callbacks.insert(2, callbacks_lib.StopIfAllNonFinite(checkpointer.directory))
+    callbacks.append(callbacks_lib.StopIfAllNonFinite(checkpointer.directory))
+  callbacks.append(callbacks_lib.Evaluation(experiment.evaluate, fl.eval_every, rounds))
   if experiment.privacy is not None:
     callbacks += [privacy, callbacks_lib.SeparateDiagnostics()]
   callbacks.append(clock)
