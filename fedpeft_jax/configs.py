@@ -106,6 +106,7 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.peft.prompt_deep = True
   c.peft.lora_rank = 8
   c.peft.lora_alpha = 8.0
+  c.peft.lora_freeze_a = False  # FFA-LoRA: A stays at its shared initialisation, B trains.
   c.peft.cache_head_features = True  # method='head': train on backbone features computed once.
 
   c.data = ml_collections.ConfigDict()
@@ -120,9 +121,13 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.data.storage_size = config_dict.placeholder(int)  # Host-side resize; None: as stored.
   c.data.num_train_examples = 2048  # source='synthetic' only.
   c.data.num_test_examples = 512  # source='synthetic' only.
-  c.data.partition = 'dirichlet'  # 'iid' or 'dirichlet'.
-  c.data.alpha = 0.1
-  c.data.min_client_size = 10
+  # 'iid', 'dirichlet' (label skew), 'shards' (label skew, McMahan et al.), 'quantity'
+  # (size skew) or 'natural' (the clients the data names).
+  c.data.partition = 'dirichlet'
+  c.data.alpha = 0.1  # Dirichlet concentration: of labels (dirichlet), of sizes (quantity).
+  c.data.min_client_size = 10  # dirichlet and quantity.
+  c.data.shards_per_client = 2  # shards.
+  c.data.client_feature = ''  # natural on TFDS data: the feature holding the client id.
 
   c.fl = ml_collections.ConfigDict()
   try:
@@ -141,7 +146,18 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   # the clients still training; 'padded': every client of a chunk computes as many steps
   # as its largest. Same result; packed computes (nearly) only real examples.
   c.fl.schedule = 'packed'
-  c.fl.server_lr = 1.0  # 1.0 is plain FedAvg.
+  # 'fedavg', or 'scaffold' (control variates, Karimireddy et al. 2020, option II).
+  c.fl.algorithm = 'fedavg'
+  c.fl.prox_mu = 0.0  # FedProx: (mu / 2) ||w - w_global||^2 in every local step; 0: off.
+  # On the average update (Reddi et al. 2021): 'sgd' (FedAvg), 'momentum' (FedAvgM),
+  # 'adam', 'yogi', 'adagrad' (FedAdam, FedYogi, FedAdagrad).
+  c.fl.server_optimizer = 'sgd'
+  # None: 1.0 for sgd and momentum (sgd at 1.0 is plain FedAvg), 0.01 for the adaptive ones.
+  c.fl.server_lr = config_dict.placeholder(float)
+  c.fl.server_momentum = 0.9  # momentum.
+  c.fl.server_b1 = 0.9  # adam, yogi.
+  c.fl.server_b2 = 0.99  # adam, yogi.
+  c.fl.server_eps = 1e-3  # adam, yogi, adagrad: the paper's adaptivity tau.
   # 'weighted' by example count, 'uniform', or 'auto': uniform under client DP, else weighted.
   c.fl.aggregation = 'auto'
   c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.

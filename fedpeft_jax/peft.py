@@ -64,13 +64,25 @@ def modules_for(method: str, *, adapter_reduction: int = 8, adapter_shared: bool
       lora_rank=lora_rank if 'lora' in parts else 0, lora_alpha=lora_alpha)
 
 
-def labels(method: str, params):
-  """The `'trainable'`/`'frozen'` label tree of `method` for `params`."""
+def _lora_a(path: Path) -> bool:
+  return path[-1].startswith('lora_') and path[-1].endswith('_a')
+
+
+def labels(method: str, params, *, freeze_lora_a: bool = False):
+  """The `'trainable'`/`'frozen'` label tree of `method` for `params`.
+
+  `freeze_lora_a`: FFA-LoRA (Sun et al. 2024). LoRA's A matrices stay at their
+  initialisation, which every client shares (it comes from the run's seed), and
+  only B is trained and sent: the average of the clients' B_i A is then exactly
+  the average B times A, where averaging A and B separately is not the average
+  of the products.
+  """
   predicates = [_PREDICATES[p] for p in parse_method(method)] + [_head]
   flat = traverse_util.flatten_dict(params)
+  trained = lambda path: (any(f(path) for f in predicates)
+                          and not (freeze_lora_a and _lora_a(path)))
   return traverse_util.unflatten_dict({
-      path: TRAINABLE if any(f(path) for f in predicates) else FROZEN
-      for path in flat})
+      path: TRAINABLE if trained(path) else FROZEN for path in flat})
 
 
 def split(params, label_tree):

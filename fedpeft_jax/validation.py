@@ -11,6 +11,7 @@ import os
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.model import checkpoint
 from fedpeft_jax.model import vit
 from fedpeft_jax.privacy import accounting
@@ -112,6 +113,8 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
     _positive(config, 'peft.prompt_tokens')
   if 'lora' in parts:
     _positive(config, 'peft.lora_rank', 'peft.lora_alpha')
+  _check(not config.peft.lora_freeze_a or 'lora' in parts, 'peft.lora_freeze_a',
+         config.peft.lora_freeze_a, "freezes LoRA's A matrices: it needs 'lora' in peft.method")
 
   _validate_data(config, needs_data)
   _validate_federation(config)
@@ -126,6 +129,13 @@ def _validate_data(config, needs_data: bool):
   _positive(config, 'data.alpha')
   _check(d.num_classes >= 2, 'data.num_classes', d.num_classes, 'must be >= 2')
   _check(d.min_client_size >= 0, 'data.min_client_size', d.min_client_size, 'must be >= 0')
+  _check(d.shards_per_client >= 1, 'data.shards_per_client', d.shards_per_client,
+         'must be >= 1')
+  natural = d.partition == 'natural'
+  _check(not natural or d.source != 'synthetic', 'data.partition', d.partition,
+         "needs data that names each example's client: source='folder' laid out as "
+         "split/client/class/*.jpg, or source='tfds' with data.client_feature; synthetic "
+         'data has no clients')
   if d.storage_size is not None:
     _positive(config, 'data.storage_size')
   if not needs_data:
@@ -133,7 +143,7 @@ def _validate_data(config, needs_data: bool):
   if d.source == 'folder':
     _check(bool(d.path) and os.path.exists(d.path), 'data.path', d.path,
            'no such folder or archive: give a directory or .tar.gz laid out as '
-           'split/class/*.jpg')
+           f'split/{"client/" if natural else ""}class/*.jpg')
   elif d.source == 'synthetic':
     _positive(config, 'data.num_train_examples', 'data.num_test_examples')
   else:
@@ -143,12 +153,16 @@ def _validate_data(config, needs_data: bool):
     except Exception:  # tfds raises several types for unknown names.
       raise ConfigError('data.name', d.name, 'is not a TFDS dataset name (e.g. cifar100, '
                         'resisc45, patch_camelyon; see tfds.list_builders())') from None
+    if natural:  # The dataset's description, not its data.
+      features = tfds.builder(d.name, data_dir=d.data_dir).info.features
+      _explain('data.client_feature', d.client_feature, sources.check_client_feature, d.name,
+               d.client_feature, features)
 
 
 def _validate_federation(config):
   fl = config.fl
   _positive(config, 'fl.num_clients', 'fl.clients_per_round', 'fl.rounds', 'fl.local_epochs',
-            'fl.batch_size', 'fl.eval_every', 'fl.server_lr', 'optim.lr')
+            'fl.batch_size', 'fl.eval_every', 'optim.lr')
   _check(fl.clients_per_round <= fl.num_clients, 'fl.clients_per_round',
          fl.clients_per_round, f'must be <= fl.num_clients ({fl.num_clients})')
   _check(fl.client_chunk >= 0, 'fl.client_chunk', fl.client_chunk,
@@ -156,6 +170,18 @@ def _validate_federation(config):
   _check(0 <= fl.dropout_prob < 1, 'fl.dropout_prob', fl.dropout_prob, 'must be in [0, 1)')
   _one_of(config, 'fl.schedule', fedavg.SCHEDULES)
   _one_of(config, 'fl.aggregation', AGGREGATIONS)
+  _one_of(config, 'fl.algorithm', fedavg.ALGORITHMS)
+  _check(fl.prox_mu >= 0, 'fl.prox_mu', fl.prox_mu, 'must be >= 0 (0: no proximal term)')
+  _one_of(config, 'fl.server_optimizer', server_optimizers.SERVER_OPTIMIZERS)
+  if fl.server_lr is not None:
+    _positive(config, 'fl.server_lr')
+  for key in ('fl.server_momentum', 'fl.server_b1', 'fl.server_b2'):
+    _check(0 <= _get(config, key) < 1, key, _get(config, key), 'must be in [0, 1)')
+  _positive(config, 'fl.server_eps')
+  _check(fl.algorithm != 'scaffold' or config.dp.mode != 'client', 'fl.algorithm',
+         fl.algorithm, "SCAFFOLD's control variates are a second release per client that "
+         "client-level DP does not clip, noise or account: use dp.mode='sample' or "
+         "'none', or fl.algorithm='fedavg'")
   _check(0 <= config.optim.momentum < 1, 'optim.momentum', config.optim.momentum,
          'must be in [0, 1)')
   _check(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay,
@@ -186,8 +212,10 @@ def _validate_privacy(config):
   else:
     _check(not dp.adaptive_clip, 'dp.adaptive_clip', dp.adaptive_clip,
            "adaptive clipping is for dp.mode='client' only")
-    # Client sizes are known once the data is loaded; a Dirichlet split's floor is known now.
-    smallest = config.data.min_client_size if config.data.partition == 'dirichlet' else 0
+    # Client sizes are known once the data is loaded; a Dirichlet or quantity split's floor
+    # is known now.
+    smallest = (config.data.min_client_size
+                if config.data.partition in ('dirichlet', 'quantity') else 0)
     _check(dp.delta * smallest < 1, 'dp.delta', dp.delta,
            f'must be below 1/{smallest} (1/data.min_client_size): a client may hold that few '
            'examples, and at delta >= 1/n, publishing one of its n examples drawn at random '

@@ -1,7 +1,8 @@
-"""fedpeft_jax.data.partition: IID and Dirichlet client splits."""
+"""fedpeft_jax.data.partition: IID, Dirichlet, shards, quantity and natural client splits."""
 import numpy as np
 import pytest
 
+from fedpeft_jax import errors
 from fedpeft_jax.data import partition
 
 
@@ -30,7 +31,21 @@ def test_dirichlet_cover_and_min_size(alpha):
   assert min(len(p) for p in parts) >= 20
 
 
-@pytest.mark.parametrize('method', ['iid', 'dirichlet'])
+# Client ids of the natural split: 7 clients of uneven sizes.
+_NATURAL_IDS = np.random.default_rng(1).choice([f'user{i}' for i in range(7)], 2000,
+                                                p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+
+
+@pytest.mark.parametrize('method', ['iid', 'dirichlet', 'shards', 'quantity', 'natural'])
+def test_every_partition_covers_the_data_disjointly(method):
+  parts = partition.partition(_labels(), method=method, num_clients=7, seed=0,
+                              client_ids=_NATURAL_IDS)
+  assert len(parts) == 7
+  _assert_disjoint_cover(parts, 2000)
+  assert all(np.array_equal(p, np.sort(p)) for p in parts)
+
+
+@pytest.mark.parametrize('method', ['iid', 'dirichlet', 'shards', 'quantity'])
 def test_partition_deterministic_by_seed(method):
   run = lambda seed: partition.partition(_labels(), method=method,
                                          num_clients=5, seed=seed)
@@ -70,5 +85,125 @@ def test_partition_errors():
     partition.dirichlet(labels, num_clients=2, alpha=0, seed=0)
   with pytest.raises(ValueError, match='num_clients must be >= 1, got 0'):
     partition.iid(labels, num_clients=0, seed=0)
-  with pytest.raises(ValueError, match="'pathological'.*iid.*dirichlet"):
+  with pytest.raises(ValueError, match="'pathological'.*iid.*dirichlet.*shards.*quantity"):
     partition.partition(labels, method='pathological', num_clients=2, seed=0)
+
+
+# Shards (McMahan et al. 2017).
+
+
+def test_shards_of_a_hand_computed_example():
+  # Sorted by label, 8 examples cut into 2 clients x 2 shards = 4 shards of 2: each shard
+  # is one label's pair of examples, so each client holds exactly two whole labels.
+  labels = np.array([1, 0, 3, 2, 1, 0, 3, 2])
+  pairs = [{1, 5}, {0, 4}, {3, 7}, {2, 6}]  # The examples of labels 0, 1, 2, 3.
+  seen = set()
+  for seed in range(20):
+    parts = partition.shards(labels, num_clients=2, seed=seed, shards_per_client=2)
+    _assert_disjoint_cover(parts, 8)
+    for part in parts:
+      held = [i for i, pair in enumerate(pairs) if pair <= set(part.tolist())]
+      assert len(held) == 2 and set(part.tolist()) == pairs[held[0]] | pairs[held[1]]
+      seen.add(tuple(held))
+  assert len(seen) == 6  # Every pair of labels is dealt to some client with some seed.
+
+
+@pytest.mark.parametrize('shards_per_client,shard_size', [(2, 15), (3, 10), (1, 30)])
+def test_shards_each_client_holds_shards_per_client_label_runs(shards_per_client, shard_size):
+  # 10 classes x 60 examples, 20 clients: 20 * shards_per_client shards of shard_size
+  # examples, each inside one class, so every client holds shards_per_client whole shards.
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 60))
+  parts = partition.shards(labels, num_clients=20, seed=3,
+                           shards_per_client=shards_per_client)
+  _assert_disjoint_cover(parts, 600)
+  for part in parts:
+    counts = np.bincount(labels[part], minlength=10)
+    assert len(part) == shards_per_client * shard_size
+    assert all(c % shard_size == 0 for c in counts)
+    assert 1 <= np.count_nonzero(counts) <= shards_per_client
+  # Different clients get different classes: not every client the same one or two.
+  assert len({tuple(np.unique(labels[p])) for p in parts}) > 5
+
+
+def test_shards_errors_name_the_numbers():
+  labels = _labels(n=8)
+  with pytest.raises(errors.UserError,
+                     match=r'num_clients=3 x shards_per_client=3 = 9 shards, more than the 8 '
+                           'examples') as e:
+    partition.shards(labels, num_clients=3, seed=0, shards_per_client=3)
+  assert e.value.argument == 'shards_per_client'
+  with pytest.raises(errors.UserError, match='shards_per_client must be >= 1, got 0') as e:
+    partition.shards(labels, num_clients=2, seed=0, shards_per_client=0)
+  assert e.value.argument == 'shards_per_client'
+
+
+# Quantity skew.
+
+
+@pytest.mark.parametrize('alpha', [0.5, 100.0])
+def test_quantity_sizes_are_min_size_plus_dirichlet_shares_of_the_rest(alpha):
+  # Shares of Dir(alpha) over K clients have mean 1/K and variance
+  # (1/K)(1 - 1/K) / (K alpha + 1): 0.015 for alpha 0.5, 0.0000899 for alpha 100 (K=10).
+  labels = _labels(n=5000)
+  shares = []
+  for seed in range(300):
+    sizes = np.array([len(p) for p in partition.quantity(labels, num_clients=10,
+                                                         alpha=alpha, seed=seed,
+                                                         min_size=100)])
+    assert sizes.sum() == 5000 and sizes.min() >= 100
+    shares.append((sizes - 100) / 4000)
+  shares = np.concatenate(shares)
+  assert shares.std() == pytest.approx(np.sqrt(0.1 * 0.9 / (10 * alpha + 1)), rel=0.1)
+
+
+def test_quantity_labels_follow_the_global_mix():
+  labels = _labels(n=20000)
+  parts = partition.quantity(labels, num_clients=5, alpha=1.0, seed=0, min_size=1000)
+  _assert_disjoint_cover(parts, 20000)
+  overall = np.bincount(labels, minlength=10) / 20000
+  for part in parts:
+    # >= 1000 examples: a class frequency's std is at most sqrt(0.1 * 0.9 / 1000) = 0.0095.
+    assert len(part) >= 1000
+    np.testing.assert_allclose(np.bincount(labels[part], minlength=10) / len(part), overall,
+                               atol=0.045)
+
+
+def test_quantity_errors():
+  with pytest.raises(errors.UserError, match='min_size=30 of 100 examples') as e:
+    partition.quantity(_labels(n=100), num_clients=4, alpha=1.0, seed=0, min_size=30)
+  assert e.value.argument == 'min_size'
+  with pytest.raises(errors.UserError, match='alpha must be > 0') as e:
+    partition.quantity(_labels(n=100), num_clients=4, alpha=0.0, seed=0)
+  assert e.value.argument == 'alpha'
+
+
+# Natural clients.
+
+
+def test_natural_clients_follow_the_sorted_ids():
+  parts = partition.natural(np.array(['bob', 'alice', 'bob', 'carol', 'alice']), 3)
+  assert [p.tolist() for p in parts] == [[1, 4], [0, 2], [3]]
+  parts = partition.natural(np.array([10, 2, 10, 7]), 3)  # Numbers sort as numbers.
+  assert [p.tolist() for p in parts] == [[1], [3], [0, 2]]
+  assert partition.client_names(np.array([10, 2, 10, 7])).tolist() == [2, 7, 10]
+
+
+def test_natural_needs_num_clients_to_match_the_data():
+  ids = np.array(['bob', 'alice', 'bob', 'carol'])
+  with pytest.raises(errors.UserError,
+                     match=r'the data holds 3 clients \(alice, bob, carol\), not '
+                           r'num_clients=4; set num_clients=3') as e:
+    partition.natural(ids, 4)
+  assert e.value.argument == 'num_clients'
+  with pytest.raises(errors.UserError, match='needs client_ids'):
+    partition.partition(_labels(n=4), method='natural', num_clients=3, seed=0)
+  with pytest.raises(errors.UserError, match='4 client_ids for 5 labels'):
+    partition.partition(_labels(n=5), method='natural', num_clients=3, seed=0,
+                        client_ids=ids)
+
+
+def test_label_histograms():
+  labels = np.array([0, 2, 2, 1, 0, 2])
+  histograms = partition.label_histograms(labels, [np.array([0, 1, 2]), np.array([3, 4, 5])],
+                                          num_classes=4)
+  assert histograms.tolist() == [[1, 0, 2, 0], [1, 1, 1, 0]]

@@ -320,9 +320,10 @@ def test_bad_privacy_settings_fail_at_validation(key, value, needle):
   assert needle in str(e.value)
 
 
-def test_delta_above_one_over_the_smallest_dirichlet_client_fails_at_validation():
+@pytest.mark.parametrize('partition', ['dirichlet', 'quantity'])
+def test_delta_above_one_over_the_smallest_client_fails_at_validation(partition):
   config = tiny_config('bias,dp=sample')
-  config.data.partition, config.data.min_client_size = 'dirichlet', 10
+  config.data.partition, config.data.min_client_size = partition, 10
   config.dp.delta = 0.1
   with pytest.raises(validation.ConfigError, match=r'dp\.delta=0\.1: must be below 1/10'):
     validation.validate(config)

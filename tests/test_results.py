@@ -1,11 +1,13 @@
 """--mode=report: runs read back from their workdirs into a table of seed statistics and
 figures; hand-written runs for the arithmetic, one real run end to end."""
 import csv
+import io
 import json
 import statistics
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 
 from fedpeft_jax.experiment import results
@@ -133,6 +135,36 @@ def test_the_figures_are_pngs_and_epsilon_only_under_dp(sweep_root, tmp_path_fac
   assert not (without_dp / 'accuracy_vs_epsilon.png').exists()
 
 
+def _partition(seed, sizes):
+  """partition.json as a run writes it: two classes, the first client all of class 0."""
+  return {'method': 'dirichlet', 'args': {'seed': seed, 'data.alpha': 0.1,
+                                          'data.min_client_size': 10},
+          'class_names': ['0', '1'],
+          'clients': [{'size': n, 'label_histogram': [n, 0] if i == 0 else [n - 5, 5]}
+                      for i, n in enumerate(sizes)]}
+
+
+def test_the_partitions_are_drawn_once_each_and_runs_without_one_are_left_out(sweep_root):
+  results.write_report(str(sweep_root))  # Runs made before partition.json: no figure.
+  assert not (sweep_root / 'partition.png').exists()
+  assert 'partition.png' not in (sweep_root / 'report.md').read_text()
+  # Two methods share seed 0's partition; seed 1's differs; one run has none.
+  for run, content in (('bias_seed0', _partition(0, [40, 12, 30])),
+                       ('bias+lora_dp=client_seed0', _partition(0, [40, 12, 30])),
+                       ('nested/deeper/bias_seed1', _partition(1, [20, 50, 11]))):
+    (sweep_root / run / 'partition.json').write_text(json.dumps(content))
+  results.write_report(str(sweep_root))
+  data = (sweep_root / 'partition.png').read_bytes()
+  assert data.startswith(PNG_SIGNATURE)
+  # A row of 3 inches at 100 dpi per distinct partition, 1 inch for the margins.
+  assert PIL.Image.open(io.BytesIO(data)).size == (1400, 100 * (1 + 3 * 2))
+  assert '![partition](partition.png)' in (sweep_root / 'report.md').read_text()
+  for partition_file in sweep_root.rglob('partition.json'):
+    partition_file.unlink()
+  results.write_report(str(sweep_root))
+  assert not (sweep_root / 'partition.png').exists()  # Stale: its runs have none now.
+
+
 def test_a_single_seed_has_no_std(tmp_path):
   _write_run(tmp_path / 'run', _config('bias', 0), _records('bias', 0))
   row = results.write_report(str(tmp_path))['method=bias']
@@ -207,7 +239,7 @@ def test_a_real_run_reported_from_the_command_line(tmp_path):
   assert float(row['total_mib_mean']) == history[-1]['bytes_cumulative'] / MIB
   assert int(row['trainable_params']) == 772 and int(row['rounds']) == 2
   assert float(row['target_accuracy']) == 0.7 and row['epsilon_mean'] == ''
-  for name in ('accuracy_vs_round', 'accuracy_vs_communication'):
+  for name in ('accuracy_vs_round', 'accuracy_vs_communication', 'partition'):
     assert (tmp_path / 'sweep' / f'{name}.png').read_bytes().startswith(PNG_SIGNATURE)
 
   (tmp_path / 'empty').mkdir()

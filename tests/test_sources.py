@@ -9,8 +9,9 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
+from fedpeft_jax import validation
 from fedpeft_jax.data import sources
-from tests.conftest import PCAM
+from tests.conftest import PCAM, tiny_config
 
 
 
@@ -248,3 +249,126 @@ def test_tfds_tfrecord_without_tensorflow(tiny_tfds_dir, monkeypatch):
   with pytest.raises(sources.DataError, match='tensorflow-cpu.*array_record'):
     sources.load('tfds', name='fedpeft_tiny_images', split='train',
                  data_dir=tiny_tfds_dir)
+
+
+# Per-client data: each example's client id, for the natural partition.
+
+# client -> class -> images: bob has no bee.
+CLIENT_TREE = {'alice': {'ant': 2, 'bee': 1, 'cat': 1}, 'bob': {'ant': 1, 'cat': 3},
+               'carol': {'bee': 2}}
+
+
+def _make_client_tree(root: pathlib.Path, splits=('train', 'test')):
+  for split in splits:
+    for client, classes in CLIENT_TREE.items():
+      for name, count in classes.items():
+        (root / split / client / name).mkdir(parents=True)
+        for i in range(count):
+          (root / split / client / name / f'{i}.jpg').write_bytes(_jpeg(COLORS[name]))
+  return root
+
+
+def _assert_client_tree(ds):
+  assert ds.class_names == ('ant', 'bee', 'cat') and len(ds) == 10
+  # Sorted by path: alice's ant, ant, bee, cat; bob's ant, cat x3; carol's bee x2.
+  assert ds.client_ids.tolist() == ['alice'] * 4 + ['bob'] * 4 + ['carol'] * 2
+  assert ds.labels.tolist() == [0, 0, 1, 2, 0, 2, 2, 2, 1, 1]
+  _assert_colors_match_labels(ds)
+
+
+def test_client_folders_give_each_example_its_client(tmp_path):
+  ds = sources.load('folder', path=str(_make_client_tree(tmp_path)), split='train',
+                    clients=True, num_classes=3)
+  _assert_client_tree(ds)
+  flat = _make_tree(tmp_path / 'flat')
+  assert sources.load('folder', path=str(flat), split='test').client_ids is None
+
+
+def test_client_archive_with_top_level_directory(tmp_path):
+  tree = _make_client_tree(tmp_path / 'tree')
+  archive = tmp_path / 'data.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tree, arcname='wrapper')
+  _assert_client_tree(sources.load('folder', path=str(archive), split='train', clients=True))
+
+
+def test_clients_asked_of_data_without_them(tmp_path):
+  root = _make_tree(tmp_path)  # <split>/<class>/*.jpg: no client level.
+  with pytest.raises(sources.DataError, match=r'No .*images in .*/train/<client>/<class>/') as e:
+    sources.load('folder', path=str(root), split='train', clients=True)
+  assert e.value.argument == 'clients'
+  with pytest.raises(sources.DataError,
+                     match=r"'val' not found.* layout: \[<top>/\]<split>/<client>/<class>/\*"
+                           r"\.jpg\|"):
+    sources.load('folder', path=str(root), split='val', clients=True)
+  with pytest.raises(sources.DataError, match='Synthetic data has no clients') as e:
+    sources.load('synthetic', split='train', num_classes=2, num_examples=4, image_size=4,
+                 clients=True)
+  assert e.value.argument == 'clients'
+
+
+class FedpeftTinyWriters(tfds.core.GeneratorBasedBuilder):
+  """12 constant 8x8 gray images, value = 10 * index, label = index parity, written by
+  writer 'w<index % 3>'."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 1)),
+        'label': tfds.features.ClassLabel(names=['even', 'odd']),
+        'writer': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(12):
+      yield i, {'image': PIL.Image.new('L', (8, 8), 10 * i), 'label': i % 2,
+                'writer': f'w{i % 3}'}
+
+
+@pytest.fixture(scope='module')
+def writers_tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds_writers'))
+  tfds.builder('fedpeft_tiny_writers', data_dir=data_dir,
+               file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+def test_tfds_client_feature_gives_each_example_its_client(writers_tfds_dir):
+  load = lambda **kw: sources.load('tfds', name='fedpeft_tiny_writers', split='train',
+                                   data_dir=writers_tfds_dir, **kw)
+  ds = load(clients=True, client_feature='writer')
+  index = ds.images[:, 0, 0, 0].astype(int) // 10
+  assert sorted(index.tolist()) == list(range(12))
+  assert ds.client_ids.tolist() == [f'w{i % 3}' for i in index]
+  assert load(client_feature='writer').client_ids is None  # Read only when asked.
+  with pytest.raises(sources.DataError,
+                     match=r"'fedpeft_tiny_writers' has no feature 'author'; its features "
+                           r"are \[.*'writer'.*\]") as e:
+    load(clients=True, client_feature='author')
+  assert e.value.argument == 'client_feature'
+  with pytest.raises(sources.DataError, match='needs client_feature') as e:
+    load(clients=True)
+  assert e.value.argument == 'client_feature'
+
+
+def test_natural_partition_is_checked_at_launch(writers_tfds_dir):
+  config = tiny_config()
+  config.data.partition = 'natural'
+  with pytest.raises(validation.ConfigError,
+                     match=r"^--config.data.partition='natural': needs data that names each "
+                           "example's client.*synthetic data has no clients$"):
+    validation.validate(config)
+  config.data.source, config.data.name = 'tfds', 'fedpeft_tiny_writers'
+  config.data.data_dir = writers_tfds_dir
+  for feature, needle in (('author', "has no feature 'author'; its features are"),
+                          ('', 'needs client_feature')):
+    config.data.client_feature = feature
+    with pytest.raises(validation.ConfigError) as e:
+      validation.validate(config)
+    assert str(e.value).startswith(f'--config.data.client_feature={feature!r}: ')
+    assert needle in str(e.value) and "'writer'" in str(e.value) and '\n' not in str(e.value)
+  config.data.client_feature = 'writer'
+  validation.validate(config)

@@ -3,11 +3,14 @@ run record), on synthetic data."""
 import json
 import shutil
 
+import numpy as np
+import PIL.Image
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from tensorboard.backend.event_processing import event_accumulator
 
+from fedpeft_jax.data import partition, sources
 from fedpeft_jax.experiment import train
 from tests.conftest import tiny_config
 
@@ -110,3 +113,72 @@ def test_under_dp_a_plain_resume_keeps_the_noise_and_ends_bit_identical(tmp_path
   resumed = train.train(_dp_config(4), str(resumed_dir))
   assert resumed[-1]['trainable_sha256'] == straight[-1]['trainable_sha256']
   assert resumed[-1]['epsilon'] == straight[-1]['epsilon']
+
+
+@pytest.mark.parametrize('setting', [{'fl.algorithm': 'scaffold'},
+                                     {'fl.server_optimizer': 'adam', 'fl.prox_mu': 0.1}])
+def test_scaffold_and_fedadam_resume_bit_identical_after_losing_rounds(tmp_path, setting):
+  """The control variates and the server's Adam moments travel in the checkpoint: a run
+  that lost its last two checkpoints (as if killed) ends where an uninterrupted one does."""
+  config = tiny_config('bias')
+  config.fl.rounds, config.checkpoint.every, config.checkpoint.keep = 4, 1, 4
+  for key, value in setting.items():
+    config.fl[key.split('.')[1]] = value
+  straight = train.train(config, str(tmp_path / 'straight'))
+  resumed_dir = tmp_path / 'resumed'
+  train.train(config, str(resumed_dir))
+  for lost in ('3', '4'):
+    shutil.rmtree(resumed_dir / 'checkpoints' / lost)
+  resumed = train.train(config, str(resumed_dir))
+  assert [r['trainable_sha256'] for r in resumed] == [r['trainable_sha256'] for r in straight]
+  # SCAFFOLD sends the variates both ways beside the model and the update.
+  trees = 2 if setting.get('fl.algorithm') == 'scaffold' else 1
+  per_round = trees * 4 * straight[-1]['trainable_params'] * config.fl.clients_per_round
+  assert all(r['bytes_up'] == r['bytes_down'] == per_round for r in straight)
+
+
+def test_a_run_writes_its_partition(tmp_path):
+  config = tiny_config('bias')  # 256 synthetic examples of 4 classes, 8 clients.
+  config.fl.rounds, config.data.partition = 1, 'shards'
+  train.train(config, str(tmp_path))
+  written = json.loads((tmp_path / 'partition.json').read_text())
+  labels = sources.load('synthetic', split='train', num_classes=4, num_examples=256,
+                        image_size=16, seed=0).labels
+  parts = partition.shards(labels, num_clients=8, seed=0, shards_per_client=2)
+  assert written == {
+      'method': 'shards', 'args': {'seed': 0, 'data.shards_per_client': 2},
+      'class_names': ['0', '1', '2', '3'],
+      'clients': [{'size': len(p), 'label_histogram': [int((labels[p] == c).sum())
+                                                       for c in range(4)]} for p in parts]}
+  # 16 shards of 16 examples; each class (64 examples) is 4 whole shards.
+  for client in written['clients']:
+    assert client['size'] == 32
+    assert sorted(client['label_histogram']) in ([0, 0, 0, 32], [0, 0, 16, 16])
+
+
+# client -> class -> images, for the natural partition; classes are '0'..'3' as in
+# synthetic_tiny's 4-class head.
+CLIENTS = {'alice': {'0': 3, '2': 5}, 'bob': {'1': 4}, 'carol': {'0': 1, '1': 2, '3': 3}}
+
+
+def test_a_natural_partition_trains_on_the_clients_of_the_folders(tmp_path):
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for client, classes in CLIENTS.items():
+      for name, count in classes.items():
+        (tmp_path / 'data' / split / client / name).mkdir(parents=True)
+        for i in range(count):
+          PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+              tmp_path / 'data' / split / client / name / f'{i}.png')
+  config = tiny_config('bias')
+  config.data.source, config.data.path = 'folder', str(tmp_path / 'data')
+  config.data.partition = 'natural'
+  config.fl.num_clients, config.fl.clients_per_round, config.fl.rounds = 3, 2, 1
+  history = train.train(config, str(tmp_path / 'work'))
+  assert len(history) == 1 and 'test_accuracy' in history[0]
+  written = json.loads((tmp_path / 'work' / 'partition.json').read_text())
+  assert written == {
+      'method': 'natural', 'args': {}, 'class_names': ['0', '1', '2', '3'],
+      'clients': [{'size': 8, 'label_histogram': [3, 0, 5, 0], 'id': 'alice'},
+                  {'size': 4, 'label_histogram': [0, 4, 0, 0], 'id': 'bob'},
+                  {'size': 6, 'label_histogram': [1, 2, 0, 3], 'id': 'carol'}]}

@@ -1,12 +1,14 @@
 """Every config value is checked at launch; library errors reach the user as config keys."""
 import re
 
+import PIL.Image
 import pytest
 
 from fedpeft_jax import configs, validation
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import build
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, launch, tiny_config
+from tests.test_launch import _one_error_line
 
 
 @pytest.mark.parametrize('key,value,needle', [
@@ -22,9 +24,17 @@ from tests.conftest import REPO, tiny_config
     ('model.name', 'vit_h14', 'must be one of vit_b16'),
     ('model.image_size', 18, 'must be divisible by the patch size 4'),
     ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),
-    ('data.partition', 'shards', 'must be one of iid, dirichlet'),
+    ('data.partition', 'pathological', 'must be one of iid, dirichlet, shards, quantity, natural'),
+    ('data.shards_per_client', 0, 'must be >= 1'),
     ('fl.dropout_prob', 1.0, 'must be in [0, 1)'),
     ('fl.schedule', 'fast', 'must be one of packed, padded'),
+    ('fl.prox_mu', -0.01, 'must be >= 0'),
+    ('fl.algorithm', 'fednova', 'must be one of fedavg, scaffold'),
+    ('fl.server_optimizer', 'adamw', 'must be one of sgd, momentum, adam, yogi, adagrad'),
+    ('fl.server_lr', 0.0, 'must be > 0'),
+    ('fl.server_b2', 1.0, 'must be in [0, 1)'),
+    ('fl.server_eps', 0.0, 'must be > 0'),
+    ('peft.lora_freeze_a', True, "needs 'lora' in peft.method"),
 ])
 def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
   config = tiny_config()
@@ -34,6 +44,17 @@ def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
     validation.validate(config)
   assert str(e.value).startswith(f'--config.{key}={value!r}: ')
   assert needle in str(e.value)
+
+
+def test_scaffold_under_client_level_dp_is_refused_with_the_way_out():
+  config = tiny_config('bias,dp=client')
+  config.fl.algorithm = 'scaffold'
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate(config)
+  assert str(e.value).startswith("--config.fl.algorithm='scaffold': ")
+  assert "use dp.mode='sample' or 'none', or fl.algorithm='fedavg'" in str(e.value)
+  config.dp.mode = 'sample'
+  validation.validate(config)
 
 
 def test_unknown_tfds_name_and_missing_folder_are_caught_before_loading():
@@ -59,6 +80,51 @@ def test_a_library_error_about_an_argument_is_reported_against_its_config_key(tm
   with pytest.raises(sources.DataError) as raw:
     sources.load('folder', path=str(tmp_path / 'missing.tar.gz'), split='train')
   assert raw.value.argument == 'path' and '--config' not in str(raw.value)
+
+
+def test_partitions_the_loaded_data_cannot_have_name_their_config_keys(tmp_path):
+  config = tiny_config()  # 256 synthetic training examples, 8 clients.
+  config.data.partition, config.data.shards_per_client = 'shards', 40
+  with pytest.raises(validation.ConfigError) as e:
+    build.load_partition(config)
+  assert str(e.value) == (
+      '--config.data.shards_per_client=40: num_clients=8 x shards_per_client=40 = 320 '
+      'shards, more than the 256 examples; lower shards_per_client or num_clients.')
+  config.data.partition, config.data.min_client_size = 'quantity', 33
+  with pytest.raises(validation.ConfigError,
+                     match=r'^--config.data.min_client_size=33: .*min_size=33 of 256 examples'):
+    build.load_partition(config)
+
+  for client in ('alice', 'bob'):  # <split>/<client>/<class>/*.jpg, the test split as well.
+    for split in ('train', 'test'):
+      (tmp_path / split / client / 'cat').mkdir(parents=True)
+      PIL.Image.new('RGB', (16, 16)).save(tmp_path / split / client / 'cat' / '0.jpg')
+  config.data.source, config.data.path, config.data.partition = 'folder', str(tmp_path), 'natural'
+  config.data.num_classes = 1
+  with pytest.raises(validation.ConfigError) as e:
+    build.load_partition(config)
+  assert str(e.value) == ('--config.fl.num_clients=8: the data holds 2 clients (alice, bob), '
+                          'not num_clients=8; set num_clients=2.')
+  config.fl.num_clients = 2
+  train_set, parts = build.load_partition(config)
+  assert train_set.client_ids.tolist() == ['alice', 'bob']
+  assert [p.tolist() for p in parts] == [[0], [1]]
+
+  flat = tmp_path / 'flat'
+  (flat / 'train' / 'cat').mkdir(parents=True)
+  PIL.Image.new('RGB', (16, 16)).save(flat / 'train' / 'cat' / '0.jpg')
+  config.data.path = str(flat)
+  with pytest.raises(validation.ConfigError,
+                     match=r"^--config.data.partition='natural': No .*/train/<client>/<class>/"):
+    build.load_partition(config)
+
+
+def test_too_many_shards_is_one_line_exit_2_from_the_command_line(tmp_path):
+  result = launch(tmp_path, '--config.data.partition=shards',
+                  '--config.data.shards_per_client=40')
+  _one_error_line(result, 'error: --config.data.shards_per_client=40: num_clients=8 x '
+                  'shards_per_client=40 = 320 shards, more than the 256 examples')
+  assert not (tmp_path / 'metrics.jsonl').exists()
 
 
 def test_an_error_about_an_unmapped_argument_passes_through_unchanged():

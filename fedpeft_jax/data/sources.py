@@ -5,6 +5,8 @@ every source returns the full split as numpy arrays rather than a stream.
 Sources: `folder` (a directory or tar archive of `<split>/<class>/*.jpg`, e.g.
 ../shared/data/*.tar.gz), `tfds` (prepared TFDS data, read without TensorFlow
 through array_record) and `synthetic` (learnable noise images for tests).
+With `clients`, each example's client id is read too: a folder is then laid out
+`<split>/<client>/<class>/*.jpg`, a TFDS dataset names it in `client_feature`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Dataset:
   images: np.ndarray  # uint8 [N, H, W, 3].
   labels: np.ndarray  # int32 [N], ids into `class_names`.
   class_names: tuple[str, ...]
+  client_ids: np.ndarray | None = None  # [N], each example's client; None: not read.
 
   @property
   def num_classes(self) -> int:
@@ -47,13 +50,20 @@ class DataError(errors.UserError):
 def load(source: str, *, name: str = '', path: str = '', split: str,
          image_size: int | None = None, data_dir: str | None = None,
          download: bool = False, num_classes: int | None = None,
-         num_examples: int | None = None, seed: int = 0) -> Dataset:
-  """Loads one split of `source` with images of `image_size` if given."""
+         num_examples: int | None = None, seed: int = 0, clients: bool = False,
+         client_feature: str = '') -> Dataset:
+  """Loads one split of `source` with images of `image_size` if given, and with
+  `clients` each example's client id (from the folder layout or `client_feature`)."""
   if source == 'folder':
-    ds = _load_folder(path, split, image_size)
+    ds = _load_folder(path, split, image_size, clients)
   elif source == 'tfds':
-    ds = _load_tfds(name, split, image_size, data_dir, download)
+    ds = _load_tfds(name, split, image_size, data_dir, download,
+                    client_feature if clients else None)
   elif source == 'synthetic':
+    if clients:
+      raise DataError('Synthetic data has no clients; per-client data is a folder laid out '
+                      '<split>/<client>/<class>/*.jpg or a TFDS dataset with a client '
+                      'feature.', argument='clients')
     return _synthetic(split, image_size, num_classes, num_examples, seed)
   else:
     raise DataError(f'Unknown data source {source!r}; use one of {SOURCES}.',
@@ -92,19 +102,22 @@ def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray
   return np.stack(images)
 
 
-def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
-  """Reads `<split>/<class>/<image>`, optionally wrapped in one directory."""
+def _load_folder(path: str, split: str, image_size: int | None, clients: bool) -> Dataset:
+  """Reads `<split>/<class>/<image>`, or with `clients` `<split>/<client>/<class>/<image>`,
+  optionally wrapped in one directory."""
+  depth = 4 if clients else 3  # Path parts of an image below the wrapping directory.
+  levels = '<split>/<client>/<class>' if clients else '<split>/<class>'
   if not path:
     raise DataError('The folder source needs `path`, a directory or .tar.gz '
-                    'archive of <split>/<class>/*.jpg.', argument='path')
+                    f'archive of {levels}/*.jpg.', argument='path')
   if not os.path.exists(path):
     raise DataError(f'Data path {path!r} does not exist (looked in '
                     f'{os.path.dirname(os.path.abspath(path))}; relative paths start '
                     f'at the working directory {os.getcwd()}).', argument='path')
   if os.path.isdir(path):
-    found, dirs = _scan_directory(path)
+    found, dirs = _scan_directory(path, depth)
   elif path.endswith(_ARCHIVE_SUFFIXES):
-    found, dirs = _scan_archive(path, split)
+    found, dirs = _scan_archive(path, split, depth)
   else:
     raise DataError(f'Data path {path!r} is neither a directory nor a '
                     f'{"/".join(_ARCHIVE_SUFFIXES)} archive.', argument='path')
@@ -112,20 +125,26 @@ def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
   # One wrapping directory iff every image sits one level deeper below it.
   root = ()
   if found and len({p[0] for p, _ in found}) == 1 and all(
-      len(p) == 4 for p, _ in found):
+      len(p) == depth + 1 for p, _ in found):
     root = found[0][0][:1]
-  found = [(p[len(root):], data) for p, data in found if len(p) == 3 + len(root)]
+  found = [(p[len(root):], data) for p, data in found if len(p) == depth + len(root)]
   where = '/'.join((path,) + root)
   if root + (split,) not in dirs:
     splits = sorted(d[-1] for d in dirs if d[:-1] == root)
     raise DataError(f'Split directory {split!r} not found in {where!r}; the '
                     f'splits there are {splits or "none"}. Expected layout: '
-                    '[<top>/]<split>/<class>/*.jpg|*.jpeg|*.png.')
+                    f'[<top>/]{levels}/*.jpg|*.jpeg|*.png.')
   found = sorted((e for e in found if e[0][0] == split), key=lambda e: e[0])
   if not found:
+    if clients:
+      raise DataError(f'No .jpg/.jpeg/.png images in {where}/{split}/<client>/<class>/; '
+                      'per-client data puts each client\'s classes in a subdirectory of '
+                      'the split.', argument='clients')
     raise DataError(f'No .jpg/.jpeg/.png images in {where}/{split}/<class>/; '
                     'put each class\'s images in a subdirectory of the split.')
-  class_names = tuple(sorted(d[-1] for d in dirs if d[:-1] == root + (split,)))
+  # Every class directory of the split (of any client) is a class, even an empty one.
+  class_names = tuple(sorted({d[-1] for d in dirs if len(d) == len(root) + depth - 1
+                              and d[:len(root) + 1] == root + (split,)}))
   label_of = {c: i for i, c in enumerate(class_names)}
   images, names = [], []
   for parts, data in _progress(found, f'decoding {split!r}'):
@@ -136,16 +155,17 @@ def _load_folder(path: str, split: str, image_size: int | None) -> Dataset:
     except (OSError, SyntaxError, ValueError) as e:
       raise DataError(f'Cannot decode image {where}/{names[-1]} ({e}); '
                       'replace or delete the file.') from e
-  labels = np.asarray([label_of[p[1]] for p, _ in found], np.int32)
+  labels = np.asarray([label_of[p[-2]] for p, _ in found], np.int32)
+  client_ids = np.asarray([p[1] for p, _ in found]) if clients else None
   return Dataset(_stack(images, names, f'{path!r} split {split!r}'), labels,
-                 class_names)
+                 class_names, client_ids)
 
 
-def _is_image(parts: tuple[str, ...]) -> bool:
-  return len(parts) in (3, 4) and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
+def _is_image(parts: tuple[str, ...], depth: int) -> bool:
+  return len(parts) in (depth, depth + 1) and parts[-1].lower().endswith(_IMAGE_SUFFIXES)
 
 
-def _scan_directory(path: str):
+def _scan_directory(path: str, depth: int):
   """Returns the candidate images as (parts, reader) and all directories."""
   found, dirs = [], set()
   base = pathlib.Path(path)
@@ -153,12 +173,12 @@ def _scan_directory(path: str):
     parts = file.relative_to(base).parts
     if file.is_dir():
       dirs.add(parts)
-    elif _is_image(parts):
+    elif _is_image(parts, depth):
       found.append((parts, file.read_bytes))
   return found, dirs
 
 
-def _scan_archive(path: str, split: str):
+def _scan_archive(path: str, split: str, depth: int):
   """Streams the archive once, keeping only bytes of images in `split`.
 
   Members are read sequentially (no seeking back in a gzip stream, nothing
@@ -174,8 +194,8 @@ def _scan_archive(path: str, split: str):
         dirs.update(parts[:i] for i in range(1, len(parts)))
         if member.isdir():
           dirs.add(parts)
-        elif member.isfile() and _is_image(parts):
-          data = tar.extractfile(member).read() if parts[-3] == split else b''
+        elif member.isfile() and _is_image(parts, depth):
+          data = tar.extractfile(member).read() if parts[-depth] == split else b''
           found.append((parts, lambda data=data: data))
   except (tarfile.TarError, OSError, EOFError) as e:
     raise DataError(f'Cannot read archive {path!r} ({e}); re-create or '
@@ -184,8 +204,10 @@ def _scan_archive(path: str, split: str):
 
 
 def _load_tfds(name: str, split: str, image_size: int | None,
-               data_dir: str | None, download: bool) -> Dataset:
-  """Reads prepared TFDS data; downloads only when explicitly asked to.
+               data_dir: str | None, download: bool,
+               client_feature: str | None) -> Dataset:
+  """Reads prepared TFDS data; downloads only when explicitly asked to. With a
+  `client_feature` (None: none), each example's client id too.
 
   Implicit downloads hang for minutes on machines without internet, so an
   unprepared dataset is an error unless `download` is set.
@@ -216,6 +238,9 @@ def _load_tfds(name: str, split: str, image_size: int | None,
   if not {'image', 'label'} <= set(features.keys()):
     raise DataError(f'TFDS dataset {name!r} has features {list(features)}; '
                     "only datasets with 'image' and 'label' are supported.")
+  clients = client_feature is not None  # None: client ids are not read.
+  if clients:
+    check_client_feature(name, client_feature, features)
 
   formats = builder.info.available_file_formats()
   if formats & tfds.core.file_adapters.FileFormat.with_random_access():
@@ -238,7 +263,7 @@ def _load_tfds(name: str, split: str, image_size: int | None,
           f'{name} --data_dir={root} --file_format=array_record`.') from e
     examples = tfds.as_numpy(builder.as_dataset(split=split))
 
-  images, labels = [], []
+  images, labels, client_ids = [], [], []
   for example in _progress(examples, f'decoding {name} {split!r}',
                            total=builder.info.splits[split].num_examples):
     image = example['image']
@@ -246,12 +271,32 @@ def _load_tfds(name: str, split: str, image_size: int | None,
       image = image[..., 0]
     images.append(_to_rgb_array(PIL.Image.fromarray(image), image_size))
     labels.append(example['label'])
+    if clients:
+      client_ids.append(_plain(example[client_feature]))
   if not images:
     raise DataError(f'Split {split!r} of TFDS dataset {name!r} is empty.')
   class_names = tuple(features['label'].names)
   return Dataset(_stack(images, [f'example {i}' for i in range(len(images))],
                         f'TFDS {name!r} split {split!r}'),
-                 np.asarray(labels, np.int32), class_names)
+                 np.asarray(labels, np.int32), class_names,
+                 np.asarray(client_ids) if clients else None)
+
+
+def check_client_feature(name: str, client_feature: str, features) -> None:
+  """`client_feature` is a feature of TFDS dataset `name`, whose `features` are given."""
+  if not client_feature:
+    raise DataError(f'Per-client TFDS data needs client_feature, the feature of {name!r} '
+                    f'that holds each example\'s client id; its features are '
+                    f'{list(features)}.', argument='client_feature')
+  if client_feature not in features:
+    raise DataError(f'TFDS dataset {name!r} has no feature {client_feature!r}; its '
+                    f'features are {list(features)}.', argument='client_feature')
+
+
+def _plain(value):
+  """A client id as a str or an int: TFDS gives text as bytes and numbers as numpy."""
+  value = np.asarray(value).item()
+  return value.decode() if isinstance(value, bytes) else value
 
 
 def _synthetic(split: str, image_size: int | None, num_classes: int | None,

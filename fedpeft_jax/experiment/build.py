@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fedpeft_jax import configs
 from fedpeft_jax import peft
 from fedpeft_jax import validation
 from fedpeft_jax.data import partition as partition_lib
@@ -25,6 +26,7 @@ from fedpeft_jax.experiment import console
 from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.model import checkpoint as checkpoint_lib
 from fedpeft_jax.model import vit
 from fedpeft_jax.privacy import accounting
@@ -78,22 +80,50 @@ def load_data(config, split: str) -> sources.Dataset:
               data_dir='data.data_dir', num_classes='data.num_classes',
               image_size='data.storage_size',
               split='data.train_split' if is_train else 'data.test_split',
-              num_examples='data.num_train_examples' if is_train else 'data.num_test_examples')
+              num_examples='data.num_train_examples' if is_train else 'data.num_test_examples',
+              clients='data.partition', client_feature='data.client_feature')
   with validation.config_keys(config, **keys), console.phase(f'loading {split!r} data'):
     return sources.load(
         d.source, name=d.name, path=d.path, split=split, image_size=image_size,
         data_dir=d.data_dir, download=d.download, num_classes=d.num_classes,
-        num_examples=num_examples if synthetic else None, seed=config.seed)
+        num_examples=num_examples if synthetic else None, seed=config.seed,
+        clients=d.partition == 'natural', client_feature=d.client_feature)
 
 
 def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
-  train_set = load_data(config, config.data.train_split)
+  d = config.data
+  train_set = load_data(config, d.train_split)
   with validation.config_keys(config, alpha='data.alpha', min_size='data.min_client_size',
-                              num_clients='fl.num_clients'):
+                              num_clients='fl.num_clients',
+                              shards_per_client='data.shards_per_client'):
     client_indices = partition_lib.partition(
-        train_set.labels, method=config.data.partition, num_clients=config.fl.num_clients,
-        seed=config.seed, alpha=config.data.alpha, min_size=config.data.min_client_size)
+        train_set.labels, method=d.partition, num_clients=config.fl.num_clients,
+        seed=config.seed, alpha=d.alpha, min_size=d.min_client_size,
+        shards_per_client=d.shards_per_client, client_ids=train_set.client_ids)
   return train_set, client_indices
+
+
+# The config keys each partition method depends on; `natural` depends on the data alone.
+PARTITION_KEYS = {'iid': ('seed',), 'dirichlet': ('seed', 'data.alpha', 'data.min_client_size'),
+                  'shards': ('seed', 'data.shards_per_client'),
+                  'quantity': ('seed', 'data.alpha', 'data.min_client_size'), 'natural': ()}
+
+
+def describe_partition(config, train_set: sources.Dataset,
+                       client_indices: list[np.ndarray]) -> dict:
+  """What `partition.json` records: the method, the config keys it depends on, the class
+  names, and each client's size and label histogram (and, for natural, its id in the data)."""
+  method = config.data.partition
+  flat = configs.flat_config(config)
+  histograms = partition_lib.label_histograms(train_set.labels, client_indices,
+                                              train_set.num_classes)
+  clients = [{'size': len(ids), 'label_histogram': counts.tolist()}
+             for ids, counts in zip(client_indices, histograms)]
+  if method == 'natural':
+    for client, name in zip(clients, partition_lib.client_names(train_set.client_ids).tolist()):
+      client['id'] = name
+  return {'method': method, 'args': {key: flat[key] for key in PARTITION_KEYS[method]},
+          'class_names': list(train_set.class_names), 'clients': clients}
 
 
 def make_loss_fn(model, image_size: int):
@@ -222,7 +252,9 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
         clipped_count_stddev=validation.clipped_count_stddev(config))
   elif dp.mode == 'sample':
     sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
-  with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule'):
+  scaffold = fedavg.Scaffold(o.lr) if fl.algorithm == 'scaffold' else None
+  with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule',
+                              prox_mu='fl.prox_mu'):
     return fedavg.fedavg(
         loss_fn or make_loss_fn(model, config.model.image_size),
         client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
@@ -230,8 +262,16 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
         clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
         client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling,
         dropout_prob=fl.dropout_prob, aggregator=aggregator,
-        server_optimizer=optax.sgd(fl.server_lr), sample_dp=sample_dp,
-        mesh=client_mesh(config), schedule=fl.schedule)
+        server_optimizer=server_optimizer(config), sample_dp=sample_dp,
+        mesh=client_mesh(config), schedule=fl.schedule, prox_mu=fl.prox_mu, scaffold=scaffold)
+
+
+def server_optimizer(config) -> optax.GradientTransformation:
+  fl = config.fl
+  with validation.config_keys(config, name='fl.server_optimizer'):
+    return server_optimizers.server_optimizer(
+        fl.server_optimizer, fl.server_lr, momentum=fl.server_momentum, b1=fl.server_b1,
+        b2=fl.server_b2, eps=fl.server_eps)
 
 
 def auto_client_chunk(config, build, state, args) -> int | None:
@@ -273,6 +313,7 @@ class Experiment:
   num_trainable: int
   privacy: accounting.PrivacySpec | None
   evaluate: Callable[[PyTree], float]  # Global trainable parameters -> test accuracy.
+  partition: dict  # What partition.json records (`describe_partition`).
 
   def compile_round(self, state: fedavg.ServerState):
     """The round as one compiled function of the server state, compiled now, not in round 1."""
@@ -292,6 +333,7 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split)
   client_sizes = [len(ids) for ids in client_indices]
+  partition = describe_partition(config, train_set, client_indices)
   privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
   table = fedavg.ClientTable.from_partition(client_indices)
   dataset = {'image': train_set.images, 'label': train_set.labels}
@@ -300,7 +342,8 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   with console.phase('initialising the model' + (
       f' from {config.model.checkpoint}' if config.model.checkpoint else '')):
     params = init_params(config, model, init_rng)
-  trainable, frozen = peft.split(params, peft.labels(config.peft.method, params))
+  trainable, frozen = peft.split(params, peft.labels(
+      config.peft.method, params, freeze_lora_a=config.peft.lora_freeze_a))
   del params  # The frozen tree is the only copy of the backbone.
   num_trainable = peft.count(trainable)
   console.say(f'{config.peft.method}: {num_trainable:,} trainable of '
@@ -335,4 +378,4 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   evaluate = lambda trainable: float(evaluate_compiled(trainable, frozen, test_images,
                                                        test_labels))
   return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
-                    num_trainable, privacy, evaluate)
+                    num_trainable, privacy, evaluate, partition)

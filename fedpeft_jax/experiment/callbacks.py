@@ -40,11 +40,16 @@ def tree_sha256(tree) -> str:
 
 class Traffic(loop.Stateful):
   """Bytes on the wire: the model goes down to every sampled client, updates come up
-  from those that report."""
+  from those that report.
+
+  `trees_per_transfer`: trainable-sized trees in each direction; SCAFFOLD sends 2
+  (the model and the server's control variate down, the update and the change of
+  the client's variate up).
+  """
   name = 'traffic'
 
-  def __init__(self, num_trainable: int):
-    self.bytes_per_transfer = BYTES_PER_PARAM * num_trainable
+  def __init__(self, num_trainable: int, trees_per_transfer: int = 1):
+    self.bytes_per_transfer = BYTES_PER_PARAM * num_trainable * trees_per_transfer
     self.bytes_cumulative = 0
 
   def on_round_end(self, round_index, state, metrics, record):

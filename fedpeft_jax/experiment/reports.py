@@ -70,7 +70,8 @@ def mask_report(config) -> dict:
   report = {}
   for method in compared_methods(config):
     params = build.abstract_params(config, build.build_model(config, method))
-    trainable, _ = peft.split(params, peft.labels(method, params))
+    trainable, _ = peft.split(params, peft.labels(
+        method, params, freeze_lora_a=config.peft.lora_freeze_a))
     n = peft.count(trainable)
     report[method] = {'trainable': n, 'total': peft.count(params),
                       'bytes_per_transfer': n * callbacks.BYTES_PER_PARAM,

@@ -1,10 +1,11 @@
 """`--mode=report`: the paper's evaluation of finished runs, as a table and figures.
 
 Every run workdir under a root (any depth; a sweep's points, or hand-made runs) is
-read back from its `config.json` and `metrics.jsonl`. Runs whose configs differ
-only in `seed` form a group, named by the config keys that differ between groups
-(`method=bias, dp=client`); the table gives each group's mean ± std over seeds.
-Writes `report.md`, `report.csv` and the figures into the root.
+read back from its `config.json` and `metrics.jsonl` (and `partition.json`, where a
+run wrote one). Runs whose configs differ only in `seed` form a group, named by the
+config keys that differ between groups (`method=bias, dp=client`); the table gives each
+group's mean ± std over seeds. Writes `report.md`, `report.csv` and the figures into
+the root.
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ from fedpeft_jax import errors
 from fedpeft_jax.experiment import callbacks
 from fedpeft_jax.experiment import workdir as workdir_lib
 
-CONFIG_FILE, METRICS_FILE = 'config.json', 'metrics.jsonl'
+CONFIG_FILE, METRICS_FILE, PARTITION_FILE = 'config.json', 'metrics.jsonl', 'partition.json'
 TARGET_KEY = 'report.target_accuracy'
 # The paper's grid: always in a label when they differ between groups.
 PAPER_AXES = ('peft.method', 'dp.mode', 'fl.num_clients', 'fl.clients_per_round',
               'data.partition', 'data.alpha')
 # The last round is always evaluated; these make its row of the table.
 LAST_ROUND_KEYS = ('test_accuracy', 'bytes_cumulative', 'trainable_params', 'wall_s')
-EPSILON_FIGURE = 'accuracy_vs_epsilon.png'
+EPSILON_FIGURE, PARTITION_FIGURE = 'accuracy_vs_epsilon.png', 'partition.png'
 
 
 class ReportError(errors.UserError):
@@ -45,6 +46,7 @@ class Run:
   path: str
   config: dict[str, Any]  # Flat: {'fl.rounds': 10, 'peft.method': 'bias', ...}.
   metrics: list[dict]  # One record a round.
+  partition: dict | None = None  # Its partition.json; None from runs made before it existed.
 
   @property
   def evaluated(self) -> list[dict]:
@@ -108,7 +110,10 @@ def load_run(path: str) -> Run:
   if absent:
     raise ReportError(f'{path}/{METRICS_FILE}: the last round ({last["round"]}) has no '
                       f'{", ".join(absent)}; {fix}')
-  return Run(path, config, metrics)
+  partition_path = os.path.join(path, PARTITION_FILE)
+  partition = (_read_json(partition_path, _load_json) if os.path.exists(partition_path)
+               else None)
+  return Run(path, config, metrics, partition)
 
 
 def _setting(run: Run) -> dict[str, Any]:
@@ -284,6 +289,39 @@ def plot_accuracy_vs_epsilon(groups: dict[str, list[Run]], path: str) -> str:
   return _save(fig, path)
 
 
+def plot_partitions(runs: list[Run], path: str) -> str:
+  """A row per distinct partition (runs of other methods on the same seed share one): each
+  client's examples as a bar stacked by class, and its class mix as fractions."""
+  partitions: dict[str, list[Run]] = {}
+  for run in runs:
+    partitions.setdefault(json.dumps(run.partition, sort_keys=True), []).append(run)
+  fig = figure.Figure(figsize=(14, 1 + 3 * len(partitions)), layout='constrained')
+  for axes, members in zip(fig.subplots(len(partitions), 2, squeeze=False),
+                           partitions.values()):
+    p = members[0].partition
+    counts = np.array([c['label_histogram'] for c in p['clients']], dtype=float)
+    clients = np.arange(len(counts))
+    args = ', '.join(f'{_short_name(k)}={v}' for k, v in p['args'].items())
+    shares = counts / counts.sum(1, keepdims=True).clip(1)  # An empty client stays empty.
+    for ax, values, ylabel in ((axes[0], counts, 'examples'),
+                               (axes[1], shares, 'share of its examples')):
+      bottom = np.zeros(len(counts))
+      for name, column, color in zip(p['class_names'], values.T, _colors(p['class_names'])):
+        ax.bar(clients, column, bottom=bottom, width=0.9, color=color, label=name)
+        bottom += column
+      ax.set_xlabel('client')
+      ax.set_ylabel(ylabel)
+      ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axes[0].set_title(p['method'] + (f' ({args})' if args else '') +
+                      f': {len(clients)} clients, used by {len(members)} run'
+                      + ('s' * (len(members) > 1)), loc='left')
+    if len(p['class_names']) <= 20:
+      axes[1].legend(title='class', fontsize='small', loc='center left',
+                     bbox_to_anchor=(1, 0.5))
+  fig.savefig(path, dpi=100)
+  return os.path.basename(path)
+
+
 def _percent(mean: float, std: float | None) -> str:
   return f'{100 * mean:.2f}' + ('' if std is None else f' ± {100 * std:.2f}')
 
@@ -338,6 +376,12 @@ def write_report(root: str, target_accuracy: float | None = None) -> dict:
     figures.append(plot_accuracy_vs_epsilon(groups, epsilon_path))
   elif os.path.exists(epsilon_path):
     os.remove(epsilon_path)  # Stale: from DP runs no longer here.
+  partition_path = os.path.join(root, PARTITION_FIGURE)
+  described = [run for run in runs if run.partition is not None]  # Older runs have none.
+  if described:
+    figures.append(plot_partitions(described, partition_path))
+  elif os.path.exists(partition_path):
+    os.remove(partition_path)
   text = markdown(root, groups, rows, target, figures)
   with open(os.path.join(root, 'report.md'), 'w') as f:
     f.write(text)

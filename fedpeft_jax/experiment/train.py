@@ -17,7 +17,7 @@ def train(config, workdir: str) -> list[dict]:
   """Runs, resumes or (if finished) leaves the run in `workdir`; returns every round's record.
 
   Writes `metrics.jsonl` (a line a round), `tb/` (TensorBoard), `config.json`,
-  `run.json`, `checkpoints/` and, at the end, `trainable.npz`. With several
+  `run.json`, `partition.json`, `checkpoints/` and, at the end, `trainable.npz`. With several
   processes (`jax.distributed`) every one calls this; process 0 writes and
   returns the records, the others return [].
   """
@@ -54,7 +54,10 @@ def _train_locked(config, workdir: str, primary: bool) -> list[dict]:
           f'the checkpoint in {checkpointer.directory} has no privacy ledger (made by an '
           'older version): its epsilon cannot be continued; use a new --workdir')
   experiment = build.build(config, privacy_state)
-  traffic = callbacks_lib.Traffic(experiment.num_trainable)
+  if primary:
+    workdir_lib.write_json(os.path.join(workdir, 'partition.json'), experiment.partition)
+  traffic = callbacks_lib.Traffic(experiment.num_trainable,
+                                  trees_per_transfer=2 if config.fl.algorithm == 'scaffold' else 1)
   clock = callbacks_lib.RoundClock()
   stateful = [traffic, clock]
   if experiment.privacy is not None:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedpeft_jax import errors
 from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
@@ -48,20 +49,29 @@ class ClientState(NamedTuple):
 
 
 class LocalTraining(NamedTuple):
-  """One client's local training as init, `num_steps(num_examples)` steps, finalize."""
+  """One client's local training as init, `num_steps(num_examples)` steps, finalize.
+
+  A step takes the global parameters the client started from (FedProx pulls
+  towards them) and an optional `correction` added to every gradient (SCAFFOLD's
+  c - c_i); both are the same at every step of a client, so they are inputs, not
+  state.
+  """
   num_steps: Callable[[jax.Array], jax.Array]
   init: Callable[[PyTree], ClientState]  # The global trainable parameters -> fresh state.
-  # (state, frozen, dataset, example_ids, num_examples, rng) -> state one step on.
+  # (state, global trainable, frozen, dataset, example_ids, num_examples, rng,
+  #  correction or None) -> state one step on.
   step: Callable[..., ClientState]
   finalize: Callable[[ClientState, PyTree], ClientOutput]  # (state, global params) -> output.
 
-  def run(self, trainable, frozen, dataset, example_ids, num_examples, rng) -> ClientOutput:
+  def run(self, trainable, frozen, dataset, example_ids, num_examples, rng,
+          correction=None) -> ClientOutput:
     """The whole of one client's local training."""
     # Only this client's real steps run: under vmap the loop lasts as long as the
     # chunk's largest client needs, not as long as the largest client overall.
     state = jax.lax.fori_loop(
         0, self.num_steps(num_examples),
-        lambda _, s: self.step(s, frozen, dataset, example_ids, num_examples, rng),
+        lambda _, s: self.step(s, trainable, frozen, dataset, example_ids, num_examples, rng,
+                               correction),
         self.init(trainable))
     return self.finalize(state, trainable)
 
@@ -103,8 +113,17 @@ def _finite_per_example(losses, grads) -> jax.Array:
 
 def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                         num_epochs: int, batch_size: int, max_examples: int,
-                        sample_dp: Optional[SampleDP] = None) -> LocalTraining:
-  """`make_client_update` in pieces, for rounds that schedule clients' steps."""
+                        sample_dp: Optional[SampleDP] = None,
+                        prox_mu: float = 0.0) -> LocalTraining:
+  """`make_client_update` in pieces, for rounds that schedule clients' steps.
+
+  `prox_mu`: FedProx (Li et al. 2020), (prox_mu / 2) ||w - w_global||^2 added to
+  every step's loss over the trainable tree, i.e. prox_mu (w - w_global) to its
+  gradient (after DP-SGD's noise: the term holds no data).
+  """
+  if prox_mu < 0:
+    raise errors.UserError(f'prox_mu={prox_mu}: must be >= 0 (0 is FedAvg)',
+                           argument='prox_mu')
 
   def mean_grads(params, frozen, batch, valid, rng):
     def masked_mean_loss(p):
@@ -146,7 +165,7 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
     return ClientState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32),
                        zero, zero)
 
-  def step(state, frozen, dataset, example_ids, num_examples, rng):
+  def step(state, trainable, frozen, dataset, example_ids, num_examples, rng, correction):
     # At least 1: a round may step a client without examples and discard the result.
     per_epoch = jnp.maximum(steps_per_epoch(num_examples), 1)
     epoch, index = state.steps_done // per_epoch, state.steps_done % per_epoch
@@ -159,6 +178,11 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
     batch = jax.tree.map(lambda x: x[example_ids[positions]], dataset)
     grads, batch_loss = grad_fn(state.params, frozen, batch, valid,
                                 jax.random.fold_in(step_rng, index))
+    if prox_mu:
+      grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, state.params,
+                           trainable)
+    if correction is not None:
+      grads = jax.tree.map(jnp.add, grads, correction)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return ClientState(optax.apply_updates(state.params, updates), opt_state,
                        state.loss_sum + batch_loss, state.examples_seen + valid.sum(),
@@ -173,8 +197,9 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
 
 def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                        num_epochs: int, batch_size: int, max_examples: int,
-                       sample_dp: Optional[SampleDP] = None):
-  """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng)`.
+                       sample_dp: Optional[SampleDP] = None, prox_mu: float = 0.0):
+  """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng,
+  correction=None)`.
 
   `dataset` is a pytree of arrays with a leading example axis shared by all
   clients; `example_ids` [max_examples] indexes it (entries past
@@ -182,7 +207,7 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """
   return make_local_training(loss_fn, optimizer, num_epochs=num_epochs,
                              batch_size=batch_size, max_examples=max_examples,
-                             sample_dp=sample_dp).run
+                             sample_dp=sample_dp, prox_mu=prox_mu).run
 
 
 def sgd(learning_rate: float, momentum: float, weight_decay: float,

@@ -16,6 +16,10 @@ compilation. Two schedules give the same result:
   once fewer clients are training than there are lanes, a step runs only the
   lanes in training, in pieces of a few vmap widths (all lanes, 16, 4, 1;
   compiled once each), so nearly every computed example is a real one.
+
+Besides FedAvg's local SGD, clients may add FedProx's proximal term
+(`prox_mu`), and the round may run SCAFFOLD (`scaffold`): a server control
+variate and one per client, kept in the server state across rounds.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from fedpeft_jax.federated import client as client_lib
 PyTree = Any
 SAMPLINGS = ('fixed', 'poisson')
 SCHEDULES = ('packed', 'padded')
+ALGORITHMS = ('fedavg', 'scaffold')
 
 
 class ServerState(NamedTuple):
@@ -41,6 +46,20 @@ class ServerState(NamedTuple):
   aggregator_state: PyTree
   round: jax.Array  # Rounds completed so far.
   rng: jax.Array  # The run's key; every round's randomness is folded from it.
+  variates: PyTree = ()  # SCAFFOLD's `Variates`; () otherwise.
+
+
+class Scaffold(NamedTuple):
+  """SCAFFOLD (Karimireddy et al. 2020) with option II control variates: a client's
+  new variate is c_i - c + (x - y_i) / (K * local_learning_rate) after K local steps."""
+  local_learning_rate: float
+
+
+class Variates(NamedTuple):
+  server: PyTree  # c, shaped like the trainable tree.
+  # c_i of every client, [num_clients, ...]: zero until client i has trained, the
+  # paper's initialisation.
+  clients: PyTree
 
 
 class ClientTable(NamedTuple):
@@ -149,6 +168,10 @@ class _Totals(NamedTuple):
   examples_used: jax.Array  # ...and the number of examples they are over.
   examples_trained: jax.Array  # See RoundMetrics.
   examples_computed: jax.Array
+  # SCAFFOLD: the sum of the used clients' variate changes c_i+ - c_i, and every
+  # client's variate with theirs applied; () otherwise.
+  variate_change: PyTree = ()
+  client_variates: PyTree = ()
 
 
 class _Lanes(NamedTuple):
@@ -175,8 +198,15 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
            server_optimizer: optax.GradientTransformation | None = None,
            sample_dp: client_lib.SampleDP | None = None,
            mesh: jax.sharding.Mesh | None = None,
-           schedule: str = 'packed') -> FederatedAlgorithm:
+           schedule: str = 'packed', prox_mu: float = 0.0,
+           scaffold: Scaffold | None = None) -> FederatedAlgorithm:
   """Builds FedAvg on `loss_fn(trainable, frozen, batch, rng) -> per-example losses`.
+
+  `prox_mu`: FedProx's proximal term in every local step (see
+  `client.make_local_training`). `scaffold`: SCAFFOLD; every client's local
+  gradient is corrected by c - c_i, and the variates of the clients whose update
+  is used move as the paper's option II says (dropped clients and NaN updates
+  leave theirs as they were).
 
   With a `mesh` whose one axis is 'clients', the clients training at once are
   spread over its devices; everything else (the frozen backbone, the dataset,
@@ -203,7 +233,7 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
   server_optimizer = server_optimizer or optax.sgd(1.0)
   local = client_lib.make_local_training(
       loss_fn, client_optimizer, num_epochs=num_epochs, batch_size=batch_size,
-      max_examples=max_examples, sample_dp=sample_dp)
+      max_examples=max_examples, sample_dp=sample_dp, prox_mu=prox_mu)
   contribute = jax.vmap(aggregator.contribute, in_axes=(0, 0, None))
   lanes_per_device = chunk // devices
   # A packed step runs the lanes in training on each device in pieces of these widths,
@@ -214,8 +244,11 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
                                         if 4**p < lanes_per_device}, reverse=True)
 
   def init(trainable, rng):
+    variates = () if scaffold is None else Variates(
+        jax.tree.map(jnp.zeros_like, trainable),
+        jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), trainable))
     return ServerState(trainable, server_optimizer.init(trainable), aggregator.init(),
-                       jnp.zeros((), jnp.int32), rng)
+                       jnp.zeros((), jnp.int32), rng, variates)
 
   def apply(state: ServerState, frozen, dataset, table: ClientTable):
     keys = round_keys(state.rng, state.round)
@@ -229,9 +262,22 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     queue = clients[jnp.lexsort((-table.num_examples[clients], ~reported))]
 
     def client_inputs(client):
-      """What `client` trains on besides the parameters: its examples and its key."""
+      """What `client` trains on besides the parameters: its examples, its key and (with
+      SCAFFOLD) the correction c - c_i of its gradients."""
+      correction = None if scaffold is None else jax.tree.map(
+          lambda c, c_all: c - c_all[client], state.variates.server, state.variates.clients)
       return (table.example_ids[client], table.num_examples[client],
-              jax.random.fold_in(keys.clients, client))
+              jax.random.fold_in(keys.clients, client), correction)
+
+    def variate_changes(ids, delta):
+      """SCAFFOLD option II: c_i+ - c_i = -c - delta_i / (K_i * local learning rate)."""
+      steps = local.num_steps(table.num_examples[ids])
+      # A client without examples took no step and keeps its variate.
+      scale = jnp.where(steps > 0, 1.0 / (jnp.maximum(steps, 1) * scaffold.local_learning_rate),
+                        0.0)
+      return jax.tree.map(
+          lambda d, c: jnp.where(_by_lane(steps > 0, d), -c - _by_lane(scale, d) * d, 0),
+          delta, state.variates.server)
 
     def add_clients(totals: _Totals, ids, out: client_lib.ClientOutput, in_cohort):
       """Adds the updates of clients `ids` where `in_cohort` to the sums, if finite."""
@@ -242,15 +288,23 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
       # gathered whole before summing, in one order on every device: the sums, and so the
       # model, are bit-identical on any number of devices and hosts (an all-reduce's order
       # depends on the topology).
-      masked_sum = lambda x, total: total + jnp.sum(
-          whole(jnp.where(_by_lane(use, x), x, 0)).astype(total.dtype), 0)
+      used = lambda x: whole(jnp.where(_by_lane(use, x), x, 0))
+      masked_sum = lambda x, total: total + jnp.sum(used(x).astype(total.dtype), 0)
+      variate_change, client_variates = totals.variate_change, totals.client_variates
+      if scaffold is not None:
+        change = jax.tree.map(used, variate_changes(ids, out.delta))
+        variate_change = jax.tree.map(lambda c, total: total + jnp.sum(c, 0), change,
+                                      variate_change)
+        # An add, not a set: padding lanes repeat an id, and add zero to it.
+        client_variates = jax.tree.map(lambda c, c_all: c_all.at[ids].add(c), change,
+                                       client_variates)
       return _Totals(
           jax.tree.map(masked_sum, contribution, totals.contributions),
           totals.num_used + use.sum(), totals.num_nonfinite + (in_cohort & ~finite).sum(),
           totals.loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
           totals.examples_used + jnp.where(use, out.examples_seen, 0).sum(),
           totals.examples_trained + jnp.where(in_cohort, out.examples_seen, 0).sum(),
-          totals.examples_computed)
+          totals.examples_computed, variate_change, client_variates)
 
     def train_padded(totals):
       capacity = -(-queue.shape[0] // chunk) * chunk
@@ -274,8 +328,8 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         piece = jax.tree.map(
             lambda x: by_client(jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)), lanes)
         stepped = jax.vmap(jax.vmap(
-            lambda client_state, c: local.step(client_state, frozen, dataset,
-                                               *client_inputs(c))))(
+            lambda client_state, c: local.step(client_state, state.trainable, frozen,
+                                               dataset, *client_inputs(c))))(
             piece.local, jnp.maximum(piece.client, 0))
         # On a device with fewer clients in training than the piece is wide, the lanes
         # past them (free, or finished and not yet collected) keep their state.
@@ -343,7 +397,10 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
                        jnp.ones(1, jnp.int32), state.aggregator_state))
     zero = jnp.zeros((), jnp.int32)
     train = train_packed if schedule == 'packed' else train_padded
-    totals = train(_Totals(zero_contribution, zero, zero, jnp.zeros(()), zero, zero, zero))
+    variate_sums = () if scaffold is None else (
+        jax.tree.map(jnp.zeros_like, state.variates.server), state.variates.clients)
+    totals = train(_Totals(zero_contribution, zero, zero, jnp.zeros(()), zero, zero, zero,
+                           *variate_sums))
 
     aggregate = aggregator.finalize(totals.contributions, totals.num_used,
                                     state.aggregator_state, keys.aggregation)
@@ -358,6 +415,11 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     trainable = jax.tree.map(keep_unless_released,
                              optax.apply_updates(state.trainable, updates), state.trainable)
     opt_state = jax.tree.map(keep_unless_released, opt_state, state.opt_state)
+    variates = () if scaffold is None else Variates(
+        # c moves by the sum of the changes over all N clients: (|S| / N) times their mean.
+        jax.tree.map(lambda c, change: c + change / num_clients, state.variates.server,
+                     totals.variate_change),
+        totals.client_variates)
     metrics = RoundMetrics(
         clients=jnp.where(sampled, clients, -1), reported=reported,
         num_sampled=sampled.sum(), num_reported=totals.num_used,
@@ -366,6 +428,6 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         aggregator=aggregate.metrics, examples_trained=totals.examples_trained,
         examples_computed=totals.examples_computed)
     return ServerState(trainable, opt_state, aggregate.state, state.round + 1,
-                       state.rng), metrics
+                       state.rng, variates), metrics
 
   return FederatedAlgorithm(init, apply)
