@@ -7,7 +7,7 @@ file's own location, so the command works from any working directory.
 """
 import pathlib
 
-from fedpeft_jax import configs
+from fedpeft_jax import configs, errors
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared'
 
@@ -30,6 +30,29 @@ def get_config(arg: str = 'bias'):
   return c
 
 
-def get_sweep():
-  """Every method against full fine-tuning, 3 seeds: the README's testbed study."""
-  return configs.grid({'arg': list(configs.METHODS_COMPARED), 'seed': [0, 1, 2]})
+# Client drift made visible: label skew and several local epochs.
+NON_IID = {'data.partition': 'dirichlet', 'data.alpha': 0.5, 'fl.local_epochs': 5}
+ALGORITHMS = {  # Name -> the keys that select it, on top of FedAvg.
+    'fedavg': {},
+    'fedavgm': {'fl.server_optimizer': 'momentum'},
+    'fedadam': {'fl.server_optimizer': 'adam'},
+    'fedprox': {'fl.prox_mu': 0.01},
+    'scaffold': {'fl.algorithm': 'scaffold'},
+}
+
+
+def get_sweep(arg: str = 'methods'):
+  """'methods': every method against full fine-tuning, 3 seeds (the README's testbed study).
+  'algorithms': FedAvg, FedAvgM, FedAdam, FedProx and SCAFFOLD for bias, and LoRA averaged
+  as it is (FedIT) against FFA-LoRA, on Dirichlet(0.5) clients with 5 local epochs, 3 seeds."""
+  seeds = [0, 1, 2]
+  if arg == 'methods':
+    return configs.grid({'arg': list(configs.METHODS_COMPARED), 'seed': seeds})
+  if arg == 'algorithms':
+    bias = [{'arg': 'bias', **NON_IID, **keys, 'seed': seed}
+            for keys in ALGORITHMS.values() for seed in seeds]
+    lora = [{'arg': 'lora', **NON_IID, 'peft.lora_freeze_a': freeze, 'seed': seed}
+            for freeze in (False, True) for seed in seeds]
+    return bias + lora
+  raise errors.UserError(f"--config=experiments/pcam_vit_ti4.py:{arg}: this file's sweeps are "
+                         "'methods' and 'algorithms'")

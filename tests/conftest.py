@@ -1,9 +1,22 @@
 """Shared fixtures: paths to ../shared, the tiny synthetic config, a linear federated
 problem small enough to check by hand, and the CLI launcher for tests of launch.py."""
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
+
+# The tests compile the same small rounds again and again, in this process and in the
+# launches they spawn (which inherit the environment): a persistent XLA cache compiles each
+# once. Set before jax is imported.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'fedpeft_jax_tests_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# Compiling, not computing, is most of the suite's time: XLA's cheaper optimisation passes
+# compile the tests' small models faster. Every run of a test, and every process it starts,
+# uses the same setting, so results compared bit for bit still are.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +31,18 @@ TI4_CHECKPOINT = SHARED / 'backbones' / 'vit_ti4_cifar10.npz'
 PCAM = SHARED / 'data' / 'pcam32_jpeg.tar.gz'
 CIFAR10 = SHARED / 'data' / 'cifar10_jpeg.tar.gz'
 TINY = 'experiments/synthetic_tiny.py:bias'
+
+
+@pytest.fixture
+def optimized_xla():
+  """Full XLA optimisation for a test that computes more than it compiles (see above)."""
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', True)
+
+
+# The same for a launch a test starts.
+OPTIMIZED_XLA_ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='0')
 
 
 def needs(path: pathlib.Path):

@@ -36,7 +36,7 @@ def test_loads_values_and_replaces_head():
 
 @needs(TI4_CHECKPOINT)
 @needs(CIFAR10)
-def test_pretrained_backbone_classifies_cifar10():
+def test_pretrained_backbone_classifies_cifar10(optimized_xla):
   """The loaded model, head included, is the real pretrained classifier."""
   from fedpeft_jax.data import preprocess, sources
   test = sources.load('folder', path=str(CIFAR10), split='test')

@@ -20,21 +20,21 @@ def _poisoned_loss(trainable, frozen, batch, rng):
 
 
 @functools.lru_cache(maxsize=None)
-def _unpadded_update(loss_fn, sample_dp, size):
+def _unpadded_update(loss_fn, sample_dp, size, prox_mu):
   return jax.jit(client_lib.make_client_update(
       loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=2, batch_size=4, max_examples=size,
-      sample_dp=sample_dp))
+      sample_dp=sample_dp, prox_mu=prox_mu))
 
 
 def _per_client_loop(trainable, frozen, dataset, parts, clients, reported, keys, aggregator,
-                     aggregator_state, loss_fn, sample_dp):
+                     aggregator_state, loss_fn, sample_dp, prox_mu):
   """The reference round: each reporting client trained alone on its own (unpadded)
   examples, one after another, its update dropped if not finite; then aggregated."""
   contributions, nonfinite = [], 0
   for c in clients[reported]:
     size = len(parts[c])
     ids = jnp.asarray(parts[c] if size else [0], jnp.int32)  # Nothing indexes an empty list.
-    out = _unpadded_update(loss_fn, sample_dp, len(ids))(
+    out = _unpadded_update(loss_fn, sample_dp, len(ids), prox_mu)(
         trainable, frozen, dataset, ids, size, jax.random.fold_in(keys.clients, c))
     if not all(np.isfinite(x).all() for x in jax.tree.leaves((out.delta, out.loss_sum))):
       nonfinite += 1
@@ -56,6 +56,7 @@ EQUIVALENCE_CASES = {
         clip_norm=0.05, noise_multiplier=0.5, expected_clients=6)),
     'sample_dp': dict(sample_dp=client_lib.SampleDP(clip_norm=0.5, noise_multiplier=0.5),
                       loss_fn=_poisoned_loss),
+    'fedprox': dict(prox_mu=0.5),
 }
 
 
@@ -91,7 +92,7 @@ def test_both_schedules_equal_a_per_client_loop(case):
     np.testing.assert_array_equal(metrics['packed'].reported, reported)
     expected, aggregator_state, num_used, nonfinite = _per_client_loop(
         expected, frozen, dataset, parts, clients, reported, keys, aggregator,
-        aggregator_state, loss_fn, options.get('sample_dp'))
+        aggregator_state, loss_fn, options.get('sample_dp'), options.get('prox_mu', 0.0))
     dropped += 6 - reported.sum()
     nonfinite_seen += nonfinite
     for schedule, (apply, state) in rounds.items():

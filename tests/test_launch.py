@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import PCAM, REPO, TI4_CHECKPOINT, launch, needs
+from tests.conftest import OPTIMIZED_XLA_ENV, PCAM, REPO, TI4_CHECKPOINT, launch, needs
 
 LONG_RUN = ['--config.fl.rounds=60', '--config.checkpoint.every=1', '--config.fl.eval_every=20',
             '--config.checkpoint.keep=3']
@@ -130,7 +130,7 @@ PCAM_PATH = 'experiments/pcam_vit_ti4.py'
 # callables take tmp_path.
 MISTAKES = {
     'misspelled key': (TINY_PATH, None, ['--config.fl.round=5'], False,
-                       'did you mean --config.fl.rounds?'),
+                       'did you mean --config.fl.rounds'),
     'value of the wrong type': (TINY_PATH, None, ['--config.fl.rounds=abc'], False,
                                 'fl.rounds'),
     'bad config argument value': (PCAM_PATH + ':bias,participation=0.5x', None, [], False,
@@ -206,7 +206,7 @@ def test_offline_pcam_config_runs_through_launch(tmp_path):
       [sys.executable, 'launch.py', '--config=experiments/pcam_vit_ti4.py:bias',
        f'--workdir={tmp_path}', '--config.fl.rounds=1', '--config.fl.num_clients=256',
        '--config.fl.clients_per_round=2'],
-      cwd=REPO, capture_output=True, text=True)
+      cwd=REPO, env=OPTIMIZED_XLA_ENV, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'round    1/1' in result.stdout
   record = json.loads((tmp_path / 'metrics.jsonl').read_text())

@@ -17,20 +17,23 @@ SCRIPT = textwrap.dedent('''
     dataset, parts, trainable, frozen = linear_problem(sizes=tuple(range(5, 21)))
     table = fedavg.ClientTable.from_partition(parts)
     results = []
+    settings = [{}, {'aggregator': aggregators.dp_fedavg(clip_norm=0.1, noise_multiplier=1.0,
+                                                         expected_clients=8)},
+                {'scaffold': fedavg.Scaffold(0.1)}]
     for mesh in (None, Mesh(np.array(jax.devices()), ('clients',))):
-      for aggregator in (None, aggregators.dp_fedavg(clip_norm=0.1, noise_multiplier=1.0,
-                                                     expected_clients=8)):
+      for setting in settings:
         algorithm = fedavg.fedavg(
             linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=2, batch_size=4,
             max_examples=table.max_examples, clients_per_round=8, num_clients=len(parts),
-            aggregator=aggregator, mesh=mesh)
+            mesh=mesh, **setting)
         apply = jax.jit(algorithm.apply)
         state = algorithm.init(trainable, jax.random.key(0))
         hlo = apply.lower(state, frozen, dataset, table).compile().as_text()
         for _ in range(3):
           state, _ = apply(state, frozen, dataset, table)
-        results.append((state.trainable, 'all-gather' in hlo or 'all-reduce' in hlo))
-    for single, sharded in zip(results[:2], results[2:]):
+        results.append(((state.trainable, state.variates),
+                        'all-gather' in hlo or 'all-reduce' in hlo))
+    for single, sharded in zip(results[:3], results[3:]):
       assert not single[1] and sharded[1], 'the sharded round must communicate across devices'
       diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                               single[0], sharded[0])))

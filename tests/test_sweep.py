@@ -7,6 +7,7 @@ import time
 import pytest
 
 from fedpeft_jax import configs
+from fedpeft_jax import errors
 from fedpeft_jax.experiment import sweep
 from tests.conftest import REPO, launch
 
@@ -43,6 +44,27 @@ def test_every_shipped_config_declares_a_sweep_whose_points_validate():
       validation.validate(sweep.point_config(module, point, {}), needs_weights=False,
                           needs_data=False)
   assert len(points) == 6 * 2 * 3 * 2 * 3  # The paper's grid with 3 seeds.
+
+
+def test_the_testbed_algorithm_sweep_declares_each_algorithm_with_three_seeds():
+  from fedpeft_jax import validation
+  path = str(REPO / 'experiments' / 'pcam_vit_ti4.py')
+  module = sweep.load_module(path)
+  points = sweep.points(module, path, 'algorithms')
+  point_configs = [sweep.point_config(module, p, {}) for p in points]
+  for config in point_configs:
+    validation.validate(config, needs_weights=False, needs_data=False)
+    assert (config.data.partition, config.data.alpha) == ('dirichlet', 0.5)
+    assert config.fl.local_epochs == 5
+  settings = {(c.peft.method, c.fl.server_optimizer, c.fl.prox_mu, c.fl.algorithm,
+               c.peft.lora_freeze_a) for c in point_configs}
+  assert settings == {('bias', 'sgd', 0.0, 'fedavg', False), ('bias', 'momentum', 0.0, 'fedavg', False),
+                      ('bias', 'adam', 0.0, 'fedavg', False), ('bias', 'sgd', 0.01, 'fedavg', False),
+                      ('bias', 'sgd', 0.0, 'scaffold', False), ('lora', 'sgd', 0.0, 'fedavg', False),
+                      ('lora', 'sgd', 0.0, 'fedavg', True)}
+  assert len(point_configs) == 7 * 3 and {c.seed for c in point_configs} == {0, 1, 2}
+  with pytest.raises(errors.UserError, match="sweeps are 'methods' and 'algorithms'"):
+    sweep.points(module, path, 'optimizers')
 
 
 def _final_shas(root):
