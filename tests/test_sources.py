@@ -197,12 +197,16 @@ class FedpeftTinyImages(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': i % 2}
 
 
+def _prepared(name, tmp_path_factory) -> str:
+  """A data_dir holding the registered builder `name`, prepared as array_record."""
+  data_dir = str(tmp_path_factory.mktemp(name))
+  tfds.builder(name, data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return data_dir
+
+
 @pytest.fixture(scope='module')
 def tiny_tfds_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  tfds.builder('fedpeft_tiny_images', data_dir=data_dir,
-               file_format='array_record').download_and_prepare()
-  return data_dir
+  return _prepared('fedpeft_tiny_images', tmp_path_factory)
 
 
 def test_tfds_reads_prepared_array_record(tiny_tfds_dir):
@@ -330,10 +334,7 @@ class FedpeftTinyWriters(tfds.core.GeneratorBasedBuilder):
 
 @pytest.fixture(scope='module')
 def writers_tfds_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds_writers'))
-  tfds.builder('fedpeft_tiny_writers', data_dir=data_dir,
-               file_format='array_record').download_and_prepare()
-  return data_dir
+  return _prepared('fedpeft_tiny_writers', tmp_path_factory)
 
 
 def test_tfds_client_feature_gives_each_example_its_client(writers_tfds_dir):

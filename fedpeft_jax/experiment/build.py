@@ -252,7 +252,9 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
         clipped_count_stddev=validation.clipped_count_stddev(config))
   elif dp.mode == 'sample':
     sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
-  scaffold = fedavg.Scaffold(o.lr) if fl.algorithm == 'scaffold' else None
+  # Option II reads the average gradient off the update as (x - y) / (K * lr), for plain
+  # SGD; momentum SGD steps lr / (1 - momentum) per gradient once its momentum builds up.
+  scaffold = fedavg.Scaffold(o.lr / (1 - o.momentum)) if fl.algorithm == 'scaffold' else None
   with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule',
                               prox_mu='fl.prox_mu'):
     return fedavg.fedavg(

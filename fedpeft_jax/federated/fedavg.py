@@ -46,20 +46,19 @@ class ServerState(NamedTuple):
   aggregator_state: PyTree
   round: jax.Array  # Rounds completed so far.
   rng: jax.Array  # The run's key; every round's randomness is folded from it.
-  variates: PyTree = ()  # SCAFFOLD's `Variates`; () otherwise.
+  # SCAFFOLD: every client's control variate c_i, [num_clients, ...] on each trainable
+  # leaf, zero until the client has trained (the paper's initialisation); () otherwise.
+  variates: PyTree = ()
 
 
 class Scaffold(NamedTuple):
   """SCAFFOLD (Karimireddy et al. 2020) with option II control variates: a client's
-  new variate is c_i - c + (x - y_i) / (K * local_learning_rate) after K local steps."""
+  new variate is c_i - c + (x - y_i) / (K * local_learning_rate) after K local steps.
+
+  The server's variate c is the mean of all clients' c_i: the paper's update of c,
+  by (1 / N) times the sum of the changes, keeps it so from the zero start.
+  """
   local_learning_rate: float
-
-
-class Variates(NamedTuple):
-  server: PyTree  # c, shaped like the trainable tree.
-  # c_i of every client, [num_clients, ...]: zero until client i has trained, the
-  # paper's initialisation.
-  clients: PyTree
 
 
 class ClientTable(NamedTuple):
@@ -168,10 +167,7 @@ class _Totals(NamedTuple):
   examples_used: jax.Array  # ...and the number of examples they are over.
   examples_trained: jax.Array  # See RoundMetrics.
   examples_computed: jax.Array
-  # SCAFFOLD: the sum of the used clients' variate changes c_i+ - c_i, and every
-  # client's variate with theirs applied; () otherwise.
-  variate_change: PyTree = ()
-  client_variates: PyTree = ()
+  variates: PyTree = ()  # SCAFFOLD: every client's c_i, the used clients' updated.
 
 
 class _Lanes(NamedTuple):
@@ -244,9 +240,8 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
                                         if 4**p < lanes_per_device}, reverse=True)
 
   def init(trainable, rng):
-    variates = () if scaffold is None else Variates(
-        jax.tree.map(jnp.zeros_like, trainable),
-        jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), trainable))
+    variates = () if scaffold is None else jax.tree.map(
+        lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), trainable)
     return ServerState(trainable, server_optimizer.init(trainable), aggregator.init(),
                        jnp.zeros((), jnp.int32), rng, variates)
 
@@ -260,24 +255,24 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     # long as its largest client, so chunks of similar sizes waste the least, and packed
     # lanes run out of clients at about the same time.
     queue = clients[jnp.lexsort((-table.num_examples[clients], ~reported))]
+    server_variate = jax.tree.map(lambda c_all: c_all.mean(0), state.variates)
 
     def client_inputs(client):
       """What `client` trains on besides the parameters: its examples, its key and (with
       SCAFFOLD) the correction c - c_i of its gradients."""
       correction = None if scaffold is None else jax.tree.map(
-          lambda c, c_all: c - c_all[client], state.variates.server, state.variates.clients)
+          lambda c, c_all: c - c_all[client], server_variate, state.variates)
       return (table.example_ids[client], table.num_examples[client],
               jax.random.fold_in(keys.clients, client), correction)
 
     def variate_changes(ids, delta):
       """SCAFFOLD option II: c_i+ - c_i = -c - delta_i / (K_i * local learning rate)."""
       steps = local.num_steps(table.num_examples[ids])
+      scale = 1.0 / (jnp.maximum(steps, 1) * scaffold.local_learning_rate)
       # A client without examples took no step and keeps its variate.
-      scale = jnp.where(steps > 0, 1.0 / (jnp.maximum(steps, 1) * scaffold.local_learning_rate),
-                        0.0)
       return jax.tree.map(
           lambda d, c: jnp.where(_by_lane(steps > 0, d), -c - _by_lane(scale, d) * d, 0),
-          delta, state.variates.server)
+          delta, server_variate)
 
     def add_clients(totals: _Totals, ids, out: client_lib.ClientOutput, in_cohort):
       """Adds the updates of clients `ids` where `in_cohort` to the sums, if finite."""
@@ -290,21 +285,18 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
       # depends on the topology).
       used = lambda x: whole(jnp.where(_by_lane(use, x), x, 0))
       masked_sum = lambda x, total: total + jnp.sum(used(x).astype(total.dtype), 0)
-      variate_change, client_variates = totals.variate_change, totals.client_variates
+      variates = totals.variates
       if scaffold is not None:
-        change = jax.tree.map(used, variate_changes(ids, out.delta))
-        variate_change = jax.tree.map(lambda c, total: total + jnp.sum(c, 0), change,
-                                      variate_change)
         # An add, not a set: padding lanes repeat an id, and add zero to it.
-        client_variates = jax.tree.map(lambda c, c_all: c_all.at[ids].add(c), change,
-                                       client_variates)
+        variates = jax.tree.map(lambda c, c_all: c_all.at[ids].add(used(c)),
+                                variate_changes(ids, out.delta), variates)
       return _Totals(
           jax.tree.map(masked_sum, contribution, totals.contributions),
           totals.num_used + use.sum(), totals.num_nonfinite + (in_cohort & ~finite).sum(),
           totals.loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
           totals.examples_used + jnp.where(use, out.examples_seen, 0).sum(),
           totals.examples_trained + jnp.where(in_cohort, out.examples_seen, 0).sum(),
-          totals.examples_computed, variate_change, client_variates)
+          totals.examples_computed, variates)
 
     def train_padded(totals):
       capacity = -(-queue.shape[0] // chunk) * chunk
@@ -397,10 +389,8 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
                        jnp.ones(1, jnp.int32), state.aggregator_state))
     zero = jnp.zeros((), jnp.int32)
     train = train_packed if schedule == 'packed' else train_padded
-    variate_sums = () if scaffold is None else (
-        jax.tree.map(jnp.zeros_like, state.variates.server), state.variates.clients)
     totals = train(_Totals(zero_contribution, zero, zero, jnp.zeros(()), zero, zero, zero,
-                           *variate_sums))
+                           state.variates))
 
     aggregate = aggregator.finalize(totals.contributions, totals.num_used,
                                     state.aggregator_state, keys.aggregation)
@@ -415,11 +405,6 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     trainable = jax.tree.map(keep_unless_released,
                              optax.apply_updates(state.trainable, updates), state.trainable)
     opt_state = jax.tree.map(keep_unless_released, opt_state, state.opt_state)
-    variates = () if scaffold is None else Variates(
-        # c moves by the sum of the changes over all N clients: (|S| / N) times their mean.
-        jax.tree.map(lambda c, change: c + change / num_clients, state.variates.server,
-                     totals.variate_change),
-        totals.client_variates)
     metrics = RoundMetrics(
         clients=jnp.where(sampled, clients, -1), reported=reported,
         num_sampled=sampled.sum(), num_reported=totals.num_used,
@@ -428,6 +413,6 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         aggregator=aggregate.metrics, examples_trained=totals.examples_trained,
         examples_computed=totals.examples_computed)
     return ServerState(trainable, opt_state, aggregate.state, state.round + 1,
-                       state.rng, variates), metrics
+                       state.rng, totals.variates), metrics
 
   return FederatedAlgorithm(init, apply)
