@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+import jax
 import pytest
 
 from fedpeft_jax import configs
@@ -115,3 +116,14 @@ def test_a_bad_point_fails_before_any_point_runs(tmp_path):
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert 'sweep point head_seed-0: --config.fl.clients_per_round=100' in result.stderr
   assert not (tmp_path / 'head_seed-0').exists()
+
+
+def test_a_sweep_caches_its_compilations_in_its_root_unless_the_user_chose_a_cache(tmp_path):
+  chosen = jax.config.values['jax_compilation_cache_dir']  # conftest chose one.
+  assert chosen and sweep.use_compilation_cache(str(tmp_path)) == chosen
+  jax.config.update('jax_compilation_cache_dir', None)
+  try:
+    assert sweep.use_compilation_cache(str(tmp_path)) == str(tmp_path / 'xla_cache')
+    assert jax.config.values['jax_compilation_cache_dir'] == str(tmp_path / 'xla_cache')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', chosen)

@@ -21,6 +21,8 @@ import os
 import shlex
 from typing import Any
 
+import jax
+
 from fedpeft_jax import configs
 from fedpeft_jax import errors
 from fedpeft_jax.experiment import console
@@ -101,6 +103,15 @@ def command(path: str, point: Point, common: dict[str, Any], root: str) -> str:
   return 'python launch.py ' + ' '.join(shlex.quote(f) for f in flags)
 
 
+def use_compilation_cache(root: str) -> str:
+  """Points mostly differ in seeds and settings, not in shapes: XLA's persistent cache in
+  `root/xla_cache` compiles each distinct round once for the whole sweep and its reruns.
+  A cache the user chose (JAX_COMPILATION_CACHE_DIR) is kept. Returns the one in use."""
+  if jax.config.values['jax_compilation_cache_dir'] is None:
+    jax.config.update('jax_compilation_cache_dir', os.path.join(root, 'xla_cache'))
+  return jax.config.values['jax_compilation_cache_dir']
+
+
 def run(path: str, arg: str, common: dict[str, Any], root: str, *, validate,
         train) -> list[str]:
   """Validates every point first, then trains them in order; returns their workdirs.
@@ -117,6 +128,7 @@ def run(path: str, arg: str, common: dict[str, Any], root: str, *, validate,
     except errors.UserError as e:
       raise SweepError(f'sweep point {point.name}: {e}') from None
   root = workdir_lib.prepare(root)
+  use_compilation_cache(root)
   if multihost.is_primary():
     workdir_lib.write_json(os.path.join(root, 'sweep.json'), {
         'config': path, 'arg': arg, 'common': common,
