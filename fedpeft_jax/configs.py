@@ -119,8 +119,10 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.data.test_split = 'test'
   c.data.num_classes = 100
   c.data.storage_size = config_dict.placeholder(int)  # Host-side resize; None: as stored.
-  c.data.num_train_examples = 2048  # source='synthetic' only.
-  c.data.num_test_examples = 512  # source='synthetic' only.
+  # How many images source='synthetic' makes; of real data, a random subset of that many,
+  # the same for every seed (None: the whole split).
+  c.data.num_train_examples = config_dict.placeholder(int)
+  c.data.num_test_examples = config_dict.placeholder(int)
   # 'iid', 'dirichlet' (label skew), 'shards' (label skew, McMahan et al.), 'quantity'
   # (size skew) or 'natural' (the clients the data names).
   c.data.partition = 'dirichlet'

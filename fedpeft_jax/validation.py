@@ -138,15 +138,18 @@ def _validate_data(config, needs_data: bool):
          'data has no clients')
   if d.storage_size is not None:
     _positive(config, 'data.storage_size')
+  for key in ('data.num_train_examples', 'data.num_test_examples'):
+    _check(_get(config, key) is not None or d.source != 'synthetic', key, None,
+           "is how many images source='synthetic' makes: set it, e.g. 2048")
+    if _get(config, key) is not None:
+      _positive(config, key)
   if not needs_data:
     return
   if d.source == 'folder':
     _check(bool(d.path) and os.path.exists(d.path), 'data.path', d.path,
            'no such folder or archive: give a directory or .tar.gz laid out as '
            f'split/{"client/" if natural else ""}class/*.jpg')
-  elif d.source == 'synthetic':
-    _positive(config, 'data.num_train_examples', 'data.num_test_examples')
-  else:
+  elif d.source == 'tfds':
     import tensorflow_datasets as tfds  # Slow to import: only for TFDS runs.
     try:
       tfds.builder_cls(d.name)

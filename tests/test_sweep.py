@@ -56,7 +56,7 @@ def test_the_testbed_algorithm_sweep_declares_each_algorithm_with_three_seeds():
   for config in point_configs:
     validation.validate(config, needs_weights=False, needs_data=False)
     assert (config.data.partition, config.data.alpha) == ('dirichlet', 0.5)
-    assert config.fl.local_epochs == 5
+    assert config.fl.local_epochs == 5 and config.data.num_train_examples == 4096
   settings = {(c.peft.method, c.fl.server_optimizer, c.fl.prox_mu, c.fl.algorithm,
                c.peft.lora_freeze_a) for c in point_configs}
   assert settings == {('bias', 'sgd', 0.0, 'fedavg', False), ('bias', 'momentum', 0.0, 'fedavg', False),
@@ -64,6 +64,10 @@ def test_the_testbed_algorithm_sweep_declares_each_algorithm_with_three_seeds():
                       ('bias', 'sgd', 0.0, 'scaffold', False), ('lora', 'sgd', 0.0, 'fedavg', False),
                       ('lora', 'sgd', 0.0, 'fedavg', True)}
   assert len(point_configs) == 7 * 3 and {c.seed for c in point_configs} == {0, 1, 2}
+  # Names leave out the keys every point shares.
+  assert [p.name for p in points[:4]] == ['bias_seed-0', 'bias_seed-1', 'bias_seed-2',
+                                          'bias_server_optimizer-momentum_seed-0']
+  assert points[-1].name == 'lora_lora_freeze_a-True_seed-2'
   with pytest.raises(errors.UserError, match="sweeps are 'methods' and 'algorithms'"):
     sweep.points(module, path, 'optimizers')
 

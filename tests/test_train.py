@@ -164,6 +164,7 @@ def test_a_natural_partition_trains_on_the_clients_of_the_folders(tmp_path):
               tmp_path / 'data' / split / client / name / f'{i}.png')
   config = tiny_config('bias')
   config.data.source, config.data.path = 'folder', str(tmp_path / 'data')
+  config.data.num_train_examples = config.data.num_test_examples = None  # All of them.
   config.data.partition = 'natural'
   config.fl.num_clients, config.fl.clients_per_round, config.fl.rounds = 3, 2, 1
   history = train.train(config, str(tmp_path / 'work'))

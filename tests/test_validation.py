@@ -35,6 +35,8 @@ from tests.test_launch import _one_error_line
     ('fl.server_b2', 1.0, 'must be in [0, 1)'),
     ('fl.server_eps', 0.0, 'must be > 0'),
     ('peft.lora_freeze_a', True, "needs 'lora' in peft.method"),
+    ('data.num_train_examples', None, "is how many images source='synthetic' makes"),
+    ('data.num_test_examples', 0, 'must be > 0'),
 ])
 def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
   config = tiny_config()
@@ -55,6 +57,19 @@ def test_scaffold_under_client_level_dp_is_refused_with_the_way_out():
   assert "use dp.mode='sample' or 'none', or fl.algorithm='fedavg'" in str(e.value)
   config.dp.mode = 'sample'
   validation.validate(config)
+
+
+def test_a_subset_larger_than_the_split_names_its_config_key(tmp_path):
+  (tmp_path / 'train' / 'cat').mkdir(parents=True)
+  PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'cat' / '0.jpg')
+  config = tiny_config()
+  config.data.source, config.data.path, config.data.num_classes = 'folder', str(tmp_path), 1
+  with pytest.raises(validation.ConfigError) as e:
+    build.load_data(config, 'train')
+  assert str(e.value).startswith('--config.data.num_train_examples=256: ')
+  assert 'has 1 examples' in str(e.value)
+  config.data.num_train_examples = None  # The whole split.
+  assert len(build.load_data(config, 'train')) == 1
 
 
 def test_unknown_tfds_name_and_missing_folder_are_caught_before_loading():
@@ -100,7 +115,7 @@ def test_partitions_the_loaded_data_cannot_have_name_their_config_keys(tmp_path)
       (tmp_path / split / client / 'cat').mkdir(parents=True)
       PIL.Image.new('RGB', (16, 16)).save(tmp_path / split / client / 'cat' / '0.jpg')
   config.data.source, config.data.path, config.data.partition = 'folder', str(tmp_path), 'natural'
-  config.data.num_classes = 1
+  config.data.num_classes, config.data.num_train_examples = 1, None
   with pytest.raises(validation.ConfigError) as e:
     build.load_partition(config)
   assert str(e.value) == ('--config.fl.num_clients=8: the data holds 2 clients (alice, bob), '

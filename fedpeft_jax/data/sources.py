@@ -53,7 +53,11 @@ def load(source: str, *, name: str = '', path: str = '', split: str,
          num_examples: int | None = None, seed: int = 0, clients: bool = False,
          client_feature: str = '') -> Dataset:
   """Loads one split of `source` with images of `image_size` if given, and with
-  `clients` each example's client id (from the folder layout or `client_feature`)."""
+  `clients` each example's client id (from the folder layout or `client_feature`).
+
+  `num_examples`: how many images `synthetic` makes; from real data, a random subset of
+  that many (None: the whole split), the same for every `seed` so that seeds vary the
+  training, not the data."""
   if source == 'folder':
     ds = _load_folder(path, split, image_size, clients)
   elif source == 'tfds':
@@ -75,7 +79,19 @@ def load(source: str, *, name: str = '', path: str = '', split: str,
         f'classes {ds.class_names}, but num_classes={num_classes} was asked '
         'for; set num_classes to match the data or point at other data.',
         argument='num_classes')
-  return ds
+  if num_examples is None:
+    return ds
+  return _subset(ds, num_examples, f'{source} data {name or path!r} split {split!r}')
+
+
+def _subset(ds: Dataset, num_examples: int, where: str) -> Dataset:
+  if not 1 <= num_examples <= len(ds):
+    raise DataError(f'{where} has {len(ds)} examples; a subset of {num_examples} cannot be '
+                    f'drawn from it: ask for 1..{len(ds)}, or None for all of them.',
+                    argument='num_examples')
+  keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_examples])
+  return Dataset(ds.images[keep], ds.labels[keep], ds.class_names,
+                 None if ds.client_ids is None else ds.client_ids[keep])
 
 
 def _progress(iterable, description: str, total: int | None = None):

@@ -86,7 +86,7 @@ def load_data(config, split: str) -> sources.Dataset:
     return sources.load(
         d.source, name=d.name, path=d.path, split=split, image_size=image_size,
         data_dir=d.data_dir, download=d.download, num_classes=d.num_classes,
-        num_examples=num_examples if synthetic else None, seed=config.seed,
+        num_examples=num_examples, seed=config.seed,
         clients=d.partition == 'natural', client_feature=d.client_feature)
 
 

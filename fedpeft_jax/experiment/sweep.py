@@ -65,11 +65,15 @@ def points(module, path: str, arg: str) -> list[Point]:
     raise SweepError(f'--config={path} declares no get_sweep(arg): add one returning a list '
                      "of point dicts (see experiments/synthetic_tiny.py)")
   declared = module.get_sweep(arg) if arg else module.get_sweep()
+  # Keys every point sets alike say nothing about a point: its name leaves them out.
+  shared = {k: v for k, v in (declared[0].items() if declared else ())
+            if all(k in point and point[k] == v for point in declared)}
   result = []
   for point in declared:
     overrides = {k: v for k, v in point.items() if k != 'arg'}
     point_arg = point.get('arg', arg)
-    result.append(Point(_name(point_arg, overrides), point_arg, overrides))
+    varying = {k: v for k, v in overrides.items() if k not in shared}
+    result.append(Point(_name(point_arg, varying), point_arg, overrides))
   names = [p.name for p in result]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
