@@ -84,6 +84,8 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
     evaluated = [[r for r in run if 'test_accuracy' in r] for run in runs]
     finals = [run[-1]['test_accuracy'] for run in runs]
     bests = [max(r['test_accuracy'] for r in e) for e in evaluated]
+    swings = [statistics.mean(abs(b['test_accuracy'] - a['test_accuracy'])
+                              for a, b in zip(e, e[1:])) for e in evaluated]
     reached = [next((r['bytes_cumulative'] for r in e if r['test_accuracy'] >= 0.7), None)
                for e in evaluated]
     reached = [b for b in reached if b is not None]
@@ -93,6 +95,8 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
     assert row['final_accuracy_std'] == pytest.approx(statistics.stdev(finals))
     assert row['best_accuracy_mean'] == pytest.approx(statistics.mean(bests))
     assert row['best_accuracy_std'] == pytest.approx(statistics.stdev(bests))
+    assert row['swing_mean'] == pytest.approx(statistics.mean(swings))
+    assert row['swing_std'] == pytest.approx(statistics.stdev(swings))
     assert row['reached_target'] == len(reached)
     assert row['mib_to_target_mean'] == pytest.approx(statistics.mean(reached) / MIB)
     assert row['total_mib_mean'] == pytest.approx(
@@ -101,6 +105,7 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
     assert row['wall_s_mean'] == pytest.approx(statistics.mean(run[-1]['wall_s'] for run in runs))
   # The hand-picked accuracies: both bias seeds reach 70% (rounds 4 and 2), one DP seed does.
   assert rows['method=bias, dp=none']['reached_target'] == 2
+  assert rows['method=bias, dp=none']['swing_mean'] == pytest.approx((0.15 + 0.01) / 2)
   assert rows['method=bias+lora, dp=client']['reached_target'] == 1
   assert rows['method=bias+lora, dp=client']['epsilon_mean'] == pytest.approx(
       statistics.mean([3.2, 3.3]))
@@ -115,6 +120,7 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
   bias = rows['method=bias, dp=none']
   assert (f"| method=bias, dp=none | 2 | {100 * bias['final_accuracy_mean']:.2f} ± "
           f"{100 * bias['final_accuracy_std']:.2f} |") in markdown
+  assert f"| {100 * bias['swing_mean']:.2f} ± {100 * bias['swing_std']:.2f} |" in markdown
   assert f"{bias['mib_to_target_mean']:.2f} (2/2)" in markdown
   assert '![accuracy_vs_epsilon](accuracy_vs_epsilon.png)' in markdown
   assert '`nested/deeper/bias_seed1`' in markdown

@@ -188,10 +188,19 @@ def bytes_to_target(run: Run, target: float) -> int | None:
               None)
 
 
+def swing(run: Run) -> float | None:
+  """How much the global model jumps about: the mean absolute change of test accuracy
+  between consecutive evaluations (client drift shows here); None with one evaluation."""
+  accuracy = [e['test_accuracy'] for e in run.evaluated]
+  return float(np.mean(np.abs(np.diff(accuracy)))) if len(accuracy) > 1 else None
+
+
 def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
   """A group's row of the table (report.csv): seed statistics of its runs' metrics."""
   final_mean, final_std = _mean_std(r.last['test_accuracy'] for r in runs)
   best_mean, best_std = _mean_std(max(e['test_accuracy'] for e in r.evaluated) for r in runs)
+  swings = [s for s in map(swing, runs) if s is not None]
+  swing_mean, swing_std = _mean_std(swings) if swings else (None, None)
   reached = [b for b in (bytes_to_target(r, target) for r in runs) if b is not None]
   # float(): a run without noise writes the string 'inf' (JSON has no infinity).
   epsilons = [float(r.last['epsilon']) for r in runs if 'epsilon' in r.last]
@@ -202,6 +211,8 @@ def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
       'final_accuracy_std': final_std,
       'best_accuracy_mean': best_mean,
       'best_accuracy_std': best_std,
+      'swing_mean': swing_mean,
+      'swing_std': swing_std,
       'target_accuracy': target,
       'reached_target': len(reached),
       'mib_to_target_mean': statistics.fmean(reached) / callbacks.MIB if reached else None,
@@ -328,13 +339,15 @@ def _percent(mean: float, std: float | None) -> str:
 
 def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
              target: float, figures: list[str]) -> str:
-  header = ['group', 'n', 'final accuracy (%)', 'best accuracy (%)',
+  header = ['group', 'n', 'final accuracy (%)', 'best accuracy (%)', 'swing (points)',
             f'MiB to {100 * target:g}% (seeds that reached it)', 'total MiB', 'trainable',
             'epsilon', 'wall (s)', 'rounds']
   lines = [f'# Results of {root}', '',
            f'{sum(map(len, groups.values()))} runs in {len(groups)} groups: runs that differ '
            'only in `seed` form a group, named by the config keys that differ between '
-           'groups. Mean ± sample std over seeds; traffic counts every client, up and down; '
+           'groups. Mean ± sample std over seeds; swing: mean absolute change of test '
+           'accuracy between consecutive evaluations, in points; traffic counts every '
+           'client, up and down; '
            'epsilon and wall time are the last round\'s.', '',
            '| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
   for label, row in rows.items():
@@ -342,6 +355,7 @@ def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
     cells = [label, row['n'],
              _percent(row['final_accuracy_mean'], row['final_accuracy_std']),
              _percent(row['best_accuracy_mean'], row['best_accuracy_std']),
+             '-' if row['swing_mean'] is None else _percent(row['swing_mean'], row['swing_std']),
              f'{to_target} ({row["reached_target"]}/{row["n"]})',
              f'{row["total_mib_mean"]:.2f}', f'{row["trainable_params"]:,}',
              '-' if row['epsilon_mean'] is None else f'{row["epsilon_mean"]:.3g}',
