@@ -111,13 +111,18 @@ def test_under_dp_a_resume_keeps_the_noise_and_a_grown_one_composes_what_ran(tmp
                                            'clients_nonfinite', 'clipped_fraction'}
 
 
-def test_scaffold_with_fedadam_resumes_bit_identical_after_losing_rounds(tmp_path):
+def test_scaffold_with_fedadam_resumes_bit_identical_after_losing_rounds(tmp_path, capsys):
   """The control variates and the server's Adam moments travel in the checkpoint: a run
   that lost its last two checkpoints (as if killed) ends where an uninterrupted one does."""
   config = tiny_config('bias')
   config.fl.rounds, config.checkpoint.every, config.checkpoint.keep = 4, 1, 4
   config.fl.algorithm, config.fl.server_optimizer, config.fl.prox_mu = 'scaffold', 'adam', 0.1
   straight = train.train(config, str(tmp_path / 'straight'))
+  # The variate table's size is said at the start: 8 clients x the trainable float32s.
+  table_mib = 8 * straight[-1]['trainable_params'] * 4 / 2**20
+  assert (f"SCAFFOLD keeps a control variate per client: 8 x "
+          f"{straight[-1]['trainable_params']:,} parameters, {table_mib:,.1f} MiB"
+          in capsys.readouterr().out)
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(tmp_path / 'straight', resumed_dir)
   for lost in ('3', '4'):

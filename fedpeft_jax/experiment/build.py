@@ -351,6 +351,10 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   console.say(f'{config.peft.method}: {num_trainable:,} trainable of '
               f'{num_trainable + peft.count(frozen):,} parameters; {table.num_clients} '
               f'clients of {min(client_sizes)}..{table.max_examples} examples')
+  if config.fl.algorithm == 'scaffold':  # The one per-client state: say what it costs.
+    table_bytes = table.num_clients * sum(x.nbytes for x in jax.tree.leaves(trainable))
+    console.say(f'SCAFFOLD keeps a control variate per client: {table.num_clients} x '
+                f'{num_trainable:,} parameters, {table_bytes / 2**20:,.1f} MiB')
 
   if config.model.frozen_dtype:  # Halves backbone memory and traffic to the MXU/tensor cores.
     frozen = jax.tree.map(lambda x: x.astype(config.model.frozen_dtype), frozen)
