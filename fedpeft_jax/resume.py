@@ -32,10 +32,14 @@ class ResumeError(errors.UserError):
 
 
 def config_differences(saved: dict, config) -> list[str]:
+  """The keys whose values differ, bar those a run may change. A key newer than the
+  checkpoint does not count at its default: a new key's default keeps the old behaviour."""
   current = configs.flat_config(config)
+  defaults = configs.flat_config(configs.base_config())
   keys = sorted(set(saved) | set(current))
   return [f'{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}' for k in keys
-          if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+          if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)
+          and not (k not in saved and k in defaults and current[k] == defaults[k])]
 
 
 class RunCheckpointer:

@@ -49,3 +49,17 @@ def test_another_config_is_named_key_by_key_and_resumable_keys_pass(tmp_path):
   assert 'optim.lr: checkpoint 0.01 vs now 0.5' in str(e.value)
   assert 'seed: checkpoint 0 vs now 3' in str(e.value) and 'fl.rounds' not in str(e.value)
   assert checkpointer.latest(other, force=True)[0] == 1
+
+
+def test_a_key_newer_than_the_checkpoint_passes_at_its_default_only(tmp_path):
+  older = tiny_config()
+  del older.fl['prox_mu'], older.fl['algorithm']  # As a run saved before they existed.
+  checkpointer = resume.RunCheckpointer(str(tmp_path), keep=1)
+  checkpointer.save(_state(1, 0.0), {}, older)
+  config = tiny_config()
+  assert checkpointer.latest(config, force=False)[0] == 1
+  config.fl.prox_mu = 0.1  # Not what the old run did.
+  with pytest.raises(resume.ResumeError) as e:
+    checkpointer.latest(config, force=False)
+  assert 'fl.prox_mu: checkpoint None vs now 0.1' in str(e.value)
+  assert 'fl.algorithm' not in str(e.value)
