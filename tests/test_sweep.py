@@ -56,7 +56,7 @@ def test_the_testbed_algorithm_sweep_declares_each_algorithm_with_three_seeds():
   for config in point_configs:
     validation.validate(config, needs_weights=False, needs_data=False)
     assert (config.data.partition, config.data.alpha) == ('dirichlet', 0.5)
-    assert config.fl.local_epochs == 5 and config.data.num_train_examples == 4096
+    assert config.fl.local_epochs == 5 and config.data.num_train_examples == 2048
   settings = {(c.peft.method, c.fl.server_optimizer, c.fl.prox_mu, c.fl.algorithm,
                c.peft.lora_freeze_a) for c in point_configs}
   assert settings == {('bias', 'sgd', 0.0, 'fedavg', False), ('bias', 'momentum', 0.0, 'fedavg', False),
