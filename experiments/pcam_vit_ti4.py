@@ -31,7 +31,7 @@ def get_config(arg: str = 'bias'):
 
 
 # Client drift made visible: label skew and several local epochs. On subsets (2,048
-# training images: 64 clients of 2..140; 1,500 test images) so that 21 runs of 5 rounds,
+# training images: 64 clients of 2..174; 1,500 test images) so that 21 runs of 5 rounds,
 # each evaluated, fit in about 90 minutes of two CPU cores.
 NON_IID = {'data.partition': 'dirichlet', 'data.alpha': 0.5, 'fl.local_epochs': 5,
            'data.num_train_examples': 2048, 'data.min_client_size': 2,

@@ -140,6 +140,14 @@ def test_the_figures_are_pngs_and_epsilon_only_under_dp(sweep_root, tmp_path_fac
   assert (without_dp / 'accuracy_vs_communication.png').exists()
   assert not (without_dp / 'accuracy_vs_epsilon.png').exists()
 
+  # Labels too long to stand beside the plot go below it, and the figure grows to hold them.
+  runs = [results.load_run(str(without_dp / f'bias_{seed}')) for seed in (0, 1)]
+  short = results.plot_accuracy_vs_round({'bias': runs}, str(without_dp / 'short.png'))
+  long = results.plot_accuracy_vs_round({'x' * 60: runs, 'y' * 60: runs},
+                                        str(without_dp / 'long.png'))
+  with PIL.Image.open(without_dp / short) as a, PIL.Image.open(without_dp / long) as b:
+    assert b.height > a.height and b.width == a.width
+
 
 def _partition(seed, sizes):
   """partition.json as a run writes it: two classes, the first client all of class 0."""

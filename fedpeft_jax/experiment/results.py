@@ -263,7 +263,12 @@ def _draw(ax, label, runs, x_key, color, x_scale=1.0):
 
 
 def _save(fig, path: str) -> str:
-  fig.legend(loc='outside right upper', fontsize='small')
+  labels = fig.axes[0].get_legend_handles_labels()[1]
+  if max(map(len, labels), default=0) > 50:  # Long labels beside the plot would squeeze it.
+    fig.set_figheight(fig.get_figheight() + 0.2 * len(labels))
+    fig.legend(loc='outside lower center', fontsize='small')
+  else:
+    fig.legend(loc='outside right upper', fontsize='small')
   fig.savefig(path, dpi=120)
   return os.path.basename(path)
 
