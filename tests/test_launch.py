@@ -205,7 +205,7 @@ def test_offline_pcam_config_runs_through_launch(tmp_path):
   result = subprocess.run(
       [sys.executable, 'launch.py', '--config=experiments/pcam_vit_ti4.py:bias',
        f'--workdir={tmp_path}', '--config.fl.rounds=1', '--config.fl.num_clients=256',
-       '--config.fl.clients_per_round=2'],
+       '--config.fl.clients_per_round=2', '--config.data.num_test_examples=1000'],
       cwd=REPO, env=OPTIMIZED_XLA_ENV, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'round    1/1' in result.stdout
