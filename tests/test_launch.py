@@ -47,7 +47,9 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
 
   victim = launch(tmp_path / 'killed', *LONG_RUN, wait=False)
   _wait_for_checkpoint(victim, tmp_path / 'killed', 3)
-  # While it runs, its workdir is locked: a second run is refused at once.
+  # Paused, it cannot finish while a slow machine starts the second run below.
+  victim.send_signal(signal.SIGSTOP)
+  # While it lives, its workdir is locked: a second run is refused at once.
   second = launch(tmp_path / 'killed', *LONG_RUN)
   _one_error_line(second, 'in use by a live run')
   victim.send_signal(signal.SIGKILL)
