@@ -1,5 +1,6 @@
 """fedpeft_jax.data.sources: folder, archive, TFDS and synthetic images, and their errors."""
 import collections
+import functools
 import io
 import pathlib
 import tarfile
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from fedpeft_jax import validation
 from fedpeft_jax.data import sources
+from fedpeft_jax.experiment import build
 from tests.conftest import PCAM, tiny_config
 
 
@@ -406,3 +408,196 @@ def test_natural_partition_is_checked_at_launch(writers_tfds_dir):
     assert needle in str(e.value) and "'writer'" in str(e.value) and '\n' not in str(e.value)
   config.data.client_feature = 'writer'
   validation.validate(config)
+
+
+# Every split is labelled by the training split's class names (issue 19).
+
+# Skin-lesion-like class folders; each color says which class an image really is.
+LESIONS = {'Malignant': (200, 30, 30), 'benign': (30, 200, 30)}
+LAYOUTS = ('folders', 'archive', 'client folders', 'client archive')
+
+
+def _png(color, size=8) -> bytes:
+  buffer = io.BytesIO()
+  PIL.Image.new('RGB', (size, size), color).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _split_tree(tmp_path: pathlib.Path, layout: str, **splits) -> tuple[str, bool]:
+  """Writes each split's class folders (name -> color) in `layout` (one of LAYOUTS): two
+  images per class folder, JPEG in the training split, PNG elsewhere; in the client layouts
+  alice holds every class and bob the first one. Returns the data path and `clients`."""
+  clients = layout.startswith('client')
+  tree = tmp_path / 'tree'
+  for split, classes in splits.items():
+    for k, (name, color) in enumerate(classes.items()):
+      owners = (['alice', 'bob'] if k == 0 else ['alice']) if clients else ['']
+      for owner in owners:
+        folder = tree / split / owner / name
+        folder.mkdir(parents=True)
+        for i in range(2):
+          data = _jpeg(color) if split == 'train' else _png(color)
+          (folder / f'{i}.{"jpg" if split == "train" else "png"}').write_bytes(data)
+  if not layout.endswith('archive'):
+    return str(tree), clients
+  archive = tmp_path / 'data.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tree, arcname='wrapper')
+  return str(archive), clients
+
+
+def _assert_labels_name_their_folders(ds, colors):
+  """Each image's color is that of the class its label names."""
+  assert len(ds) > 0
+  for image, label in zip(ds.images, ds.labels):
+    np.testing.assert_allclose(image.mean(axis=(0, 1)), colors[ds.class_names[label]], atol=8)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_every_split_is_labelled_by_the_training_splits_class_names(tmp_path, layout):
+  path, clients = _split_tree(tmp_path, layout, train=COLORS, test=COLORS)
+  load = functools.partial(sources.load, 'folder', path=path, clients=clients)
+  train = load(split='train')
+  assert train.class_names == ('ant', 'bee', 'cat')
+  _assert_labels_name_their_folders(train, COLORS)
+  # A training map in another order than this split's sorted folders (TFDS label names
+  # need not be sorted): the labels follow the map, by name.
+  order = ('cat', 'ant', 'bee')
+  test = load(split='test', class_names=order)
+  assert test.class_names == order and set(test.labels.tolist()) == {0, 1, 2}
+  _assert_labels_name_their_folders(test, COLORS)
+  assert (test.client_ids is not None) == clients
+  subset = load(split='test', class_names=order, num_examples=3)
+  assert subset.class_names == order
+  _assert_labels_name_their_folders(subset, COLORS)
+
+
+# The test split's class folders -> what the refusal must say besides the folders' names.
+MISMATCHES = {
+    # The issue's example: numbered per split, 'malignant' became label 1, 'Malignant' 0.
+    'case': ({'malignant': LESIONS['Malignant'], 'benign': LESIONS['benign']},
+             ["no class folder is 'Malignant'",
+              "'malignant' and 'Malignant' differ only in case or spaces"]),
+    'spaces': ({'Malignant': LESIONS['Malignant'], 'benign ': LESIONS['benign']},
+               ["no class folder is 'benign'",
+                "'benign ' and 'benign' differ only in case or spaces"]),
+    'extra class': ({**LESIONS, 'other': (30, 30, 200)}, []),
+    'missing class': ({'benign': LESIONS['benign']},
+                      ["no class folder is 'Malignant'", 'an empty folder keeps a class']),
+}
+
+
+@pytest.mark.parametrize('mismatch', MISMATCHES)
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_a_split_whose_class_folders_differ_from_the_training_splits_is_refused(
+    tmp_path, layout, mismatch):
+  test_classes, needles = MISMATCHES[mismatch]
+  path, clients = _split_tree(tmp_path, layout, train=LESIONS, test=test_classes)
+  load = functools.partial(sources.load, 'folder', path=path, clients=clients)
+  train = load(split='train', num_classes=2)
+  assert train.class_names == ('Malignant', 'benign')  # Sorted: upper case first.
+  _assert_labels_name_their_folders(train, LESIONS)
+  with pytest.raises(sources.DataError) as e:
+    load(split='test', class_names=train.class_names, num_classes=2)
+  message = str(e.value)
+  assert e.value.argument == 'split' and '\n' not in message
+  assert "split 'test' has class folders" in message
+  assert "the training split ['Malignant', 'benign']" in message
+  for name in test_classes:
+    if name not in LESIONS:  # Each differing folder, named with its place(s).
+      places = ([f'test/alice/{name}/'] + [f'test/bob/{name}/'] * (name == 'malignant')
+                if clients else [f'test/{name}/'])
+      assert f"{name!r} ({', '.join(map(repr, places))}) is no training class" in message
+  for needle in needles:
+    assert needle in message
+  assert 'rename the folders' in message
+
+
+@pytest.mark.parametrize('layout', ['folders', 'client folders'])
+def test_the_class_folders_are_compared_before_any_image_is_decoded(tmp_path, layout):
+  test_classes = {'malignant': LESIONS['Malignant'], 'benign': LESIONS['benign']}
+  path, clients = _split_tree(tmp_path, layout, train=LESIONS, test=test_classes)
+  owner = 'alice/' if clients else ''
+  (pathlib.Path(path) / 'test' / owner / 'benign' / 'junk.png').write_bytes(b'not a png')
+  with pytest.raises(sources.DataError, match="no class folder is 'Malignant'"):
+    sources.load('folder', path=path, split='test', clients=clients,
+                 class_names=('Malignant', 'benign'))
+
+
+@pytest.mark.parametrize('layout', ['folders', 'client folders'])
+def test_build_labels_the_test_split_by_the_training_splits_class_names(tmp_path, layout):
+  test_classes = {'malignant': LESIONS['Malignant'], 'benign': LESIONS['benign']}
+  path, clients = _split_tree(tmp_path, layout, train=LESIONS, test=test_classes)
+  config = tiny_config()
+  config.data.source, config.data.path, config.data.num_classes = 'folder', path, 2
+  config.data.num_train_examples = config.data.num_test_examples = None
+  config.data.partition = 'natural' if clients else 'iid'
+  config.fl.num_clients, config.fl.clients_per_round = 2, 1
+  train_set = build.load_data(config, 'train')
+  _assert_labels_name_their_folders(train_set, LESIONS)
+  with pytest.raises(validation.ConfigError) as e:
+    build.build(config)  # Loads the test split after the training split, by its names.
+  message = str(e.value)
+  assert message.startswith("--config.data.test_split='test': ") and '\n' not in message
+  assert "malignant/') is no training class" in message
+  assert "no class folder is 'Malignant'" in message
+
+
+def test_tfds_splits_are_labelled_by_the_training_splits_label_names(tiny_tfds_dir):
+  load = functools.partial(sources.load, 'tfds', name='fedpeft_tiny_images', split='train',
+                           data_dir=tiny_tfds_dir)
+  ds = load(class_names=('odd', 'even'))
+  assert ds.class_names == ('odd', 'even')
+  parity = ds.images[:, 0, 0, 0].astype(int) // 10 % 2  # The builder's label, from pixels.
+  np.testing.assert_array_equal(ds.labels, 1 - parity)  # 'odd' is label 0 now.
+  np.testing.assert_array_equal(load(class_names=('even', 'odd')).labels, parity)
+  with pytest.raises(sources.DataError) as e:
+    load(class_names=('Even', 'odd'))
+  message = str(e.value)
+  assert e.value.argument == 'split' and '\n' not in message
+  assert "TFDS 'fedpeft_tiny_images' split 'train' has label names ['even', 'odd']" in message
+  assert "'even' is no training class, no label name is 'Even'" in message
+  assert "'even' and 'Even' differ only in case or spaces" in message
+
+
+class FedpeftTinyUnnamedLabels(tfds.core.GeneratorBasedBuilder):
+  """4 constant 8x8 gray images with an integer label that is no ClassLabel."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 1)),
+        'label': tfds.features.Scalar(dtype=np.int64)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(4):
+      yield i, {'image': PIL.Image.new('L', (8, 8), 10 * i), 'label': i % 2}
+
+
+def test_tfds_labels_without_names_are_refused(tmp_path_factory):
+  data_dir = _prepared('fedpeft_tiny_unnamed_labels', tmp_path_factory)
+  with pytest.raises(sources.DataError, match=r"'label' feature of type Scalar, not "
+                                              r'ClassLabel, so its classes have no names'):
+    sources.load('tfds', name='fedpeft_tiny_unnamed_labels', split='train',
+                 data_dir=data_dir)
+
+
+def test_synthetic_splits_are_labelled_by_the_training_splits_class_names():
+  make = functools.partial(sources.load, 'synthetic', split='test', num_classes=4,
+                           num_examples=40, image_size=4)
+  plain = make()
+  order = ('3', '1', '0', '2')
+  relabelled = make(class_names=order)
+  assert relabelled.class_names == order
+  np.testing.assert_array_equal(relabelled.labels,
+                                [order.index(str(label)) for label in plain.labels])
+  np.testing.assert_array_equal(relabelled.images, plain.images)
+  with pytest.raises(sources.DataError, match=r"'4' is no training class.*give every split "
+                                              r'the same num_classes') as e:
+    sources.load('synthetic', split='test', num_classes=5, num_examples=40, image_size=4,
+                 class_names=order)
+  assert e.value.argument == 'split'

@@ -7,10 +7,16 @@ Sources: `folder` (a directory or tar archive of `<split>/<class>/*.jpg`, e.g.
 through array_record) and `synthetic` (learnable noise images for tests).
 With `clients`, each example's client id is read too: a folder is then laid out
 `<split>/<client>/<class>/*.jpg`, a TFDS dataset names it in `client_feature`.
+
+Labels number the training split's class names (sorted folder names, or the TFDS label
+feature's names); every other split is loaded with those `class_names` and labelled by
+name, so a class is the same label in every split, and a split whose class names differ
+is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 import io
 import os
 import pathlib
@@ -51,24 +57,29 @@ def load(source: str, *, name: str = '', path: str = '', split: str,
          image_size: int | None = None, data_dir: str | None = None,
          download: bool = False, num_classes: int | None = None,
          num_examples: int | None = None, seed: int = 0, clients: bool = False,
-         client_feature: str = '') -> Dataset:
+         client_feature: str = '', class_names: Sequence[str] | None = None) -> Dataset:
   """Loads one split of `source` with images of `image_size` if given, and with
   `clients` each example's client id (from the folder layout or `client_feature`).
 
   `num_examples`: how many images `synthetic` makes; from real data, a random subset of
   that many (None: the whole split), the same for every `seed` so that seeds vary the
-  training, not the data."""
+  training, not the data.
+  `class_names`: None for the training split, whose labels then number its own class
+  names (sorted class folder names; the TFDS label feature's names); for every other split
+  the training split's `Dataset.class_names`, by which its examples are labelled by name.
+  Raises DataError (argument 'split'), before any image is decoded, when the split's class
+  names differ from `class_names` in any name, case and spaces included."""
   if source == 'folder':
-    ds = _load_folder(path, split, image_size, clients)
+    ds = _load_folder(path, split, image_size, clients, class_names)
   elif source == 'tfds':
     ds = _load_tfds(name, split, image_size, data_dir, download,
-                    client_feature if clients else None)
+                    client_feature if clients else None, class_names)
   elif source == 'synthetic':
     if clients:
       raise DataError('Synthetic data has no clients; per-client data is a folder laid out '
                       '<split>/<client>/<class>/*.jpg or a TFDS dataset with a client '
                       'feature.', argument='clients')
-    return _synthetic(split, image_size, num_classes, num_examples, seed)
+    return _synthetic(split, image_size, num_classes, num_examples, seed, class_names)
   else:
     raise DataError(f'Unknown data source {source!r}; use one of {SOURCES}.',
                     argument='source')
@@ -92,6 +103,48 @@ def _subset(ds: Dataset, num_examples: int, where: str) -> Dataset:
   keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_examples])
   return Dataset(ds.images[keep], ds.labels[keep], ds.class_names,
                  None if ds.client_ids is None else ds.client_ids[keep])
+
+
+def _fold(name: str) -> str:
+  """A class name without case and spaces, to point out names that differ only in those."""
+  return ''.join(name.split()).casefold()
+
+
+def _label_map(names: tuple[str, ...], class_names: Sequence[str] | None, where: str,
+               what: str, fix: str, places: dict[str, list[str]] | None = None
+               ) -> tuple[str, ...]:
+  """The class names whose positions are `where`'s labels.
+
+  `names`: the split's own class names; `class_names`: the training split's, or None when
+  this is the training split (its own `names` then number its labels). Raises DataError
+  (argument 'split') when the two differ as sets, naming each differing class with its
+  `places` (e.g. its folders), and pointing out names that differ only in case or spaces,
+  which are different classes. `what`: what a class name is, singular ('class folder').
+  """
+  if class_names is None:
+    return names
+  class_names = tuple(class_names)
+  if len(set(class_names)) != len(class_names):  # A Dataset's class names never repeat.
+    raise ValueError(f'class_names {class_names} repeat a name.')
+  extra = [n for n in names if n not in class_names]
+  missing = [n for n in class_names if n not in names]
+  if not extra and not missing:
+    return class_names
+  places = places or {}
+
+  def located(name):
+    found = places.get(name, [])
+    shown = ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
+    return f'{name!r} ({shown})' if found else repr(name)
+
+  differences = [f'{located(n)} is no training class' for n in extra]
+  differences += [f'no {what} is {n!r}' for n in missing]
+  alike = [f'{e!r} and {m!r}' for e in extra for m in missing if _fold(e) == _fold(m)]
+  hint = f' ({"; ".join(alike)} differ only in case or spaces)' if alike else ''
+  raise DataError(
+      f"{where} has {what}s {list(names)}, the training split {list(class_names)}: "
+      f"{', '.join(differences)}{hint}; every split is labelled by the training split's "
+      f'class names, so {fix}.', argument='split')
 
 
 def _progress(iterable, description: str, total: int | None = None):
@@ -118,9 +171,11 @@ def _stack(images: list[np.ndarray], names: list[str], where: str) -> np.ndarray
   return np.stack(images)
 
 
-def _load_folder(path: str, split: str, image_size: int | None, clients: bool) -> Dataset:
+def _load_folder(path: str, split: str, image_size: int | None, clients: bool,
+                 class_names: Sequence[str] | None = None) -> Dataset:
   """Reads `<split>/<class>/<image>`, or with `clients` `<split>/<client>/<class>/<image>`,
-  optionally wrapped in one directory."""
+  optionally wrapped in one directory; labels number `class_names` (the training split's;
+  None: this split's sorted class folder names), see `_label_map`."""
   depth = 4 if clients else 3  # Path parts of an image below the wrapping directory.
   levels = '<split>/<client>/<class>' if clients else '<split>/<class>'
   if not path:
@@ -159,8 +214,15 @@ def _load_folder(path: str, split: str, image_size: int | None, clients: bool) -
     raise DataError(f'No .jpg/.jpeg/.png images in {where}/{split}/<class>/; '
                     'put each class\'s images in a subdirectory of the split.')
   # Every class directory of the split (of any client) is a class, even an empty one.
-  class_names = tuple(sorted({d[-1] for d in dirs if len(d) == len(root) + depth - 1
-                              and d[:len(root) + 1] == root + (split,)}))
+  class_dirs = sorted(d[len(root):] for d in dirs if len(d) == len(root) + depth - 1
+                      and d[:len(root) + 1] == root + (split,))
+  places = {}
+  for d in class_dirs:
+    places.setdefault(d[-1], []).append(repr('/'.join(d) + '/'))
+  class_names = _label_map(
+      tuple(sorted(places)), class_names, f'{where!r} split {split!r}', 'class folder',
+      'rename the folders to match them (an empty folder keeps a class without images)',
+      places)
   label_of = {c: i for i, c in enumerate(class_names)}
   images, names = [], []
   for parts, data in _progress(found, f'decoding {split!r}'):
@@ -221,9 +283,11 @@ def _scan_archive(path: str, split: str, depth: int):
 
 def _load_tfds(name: str, split: str, image_size: int | None,
                data_dir: str | None, download: bool,
-               client_feature: str | None) -> Dataset:
+               client_feature: str | None,
+               class_names: Sequence[str] | None = None) -> Dataset:
   """Reads prepared TFDS data; downloads only when explicitly asked to. With a
-  `client_feature` (None: none), each example's client id too.
+  `client_feature` (None: none), each example's client id too. Labels number
+  `class_names` (the training split's; None: the label feature's names), see `_label_map`.
 
   Implicit downloads hang for minutes on machines without internet, so an
   unprepared dataset is an error unless `download` is set.
@@ -254,6 +318,17 @@ def _load_tfds(name: str, split: str, image_size: int | None,
   if not {'image', 'label'} <= set(features.keys()):
     raise DataError(f'TFDS dataset {name!r} has features {list(features)}; '
                     "only datasets with 'image' and 'label' are supported.")
+  if not isinstance(features['label'], tfds.features.ClassLabel):
+    # Without a ClassLabel's names no split can be labelled by class name.
+    raise DataError(f"TFDS dataset {name!r} has a 'label' feature of type "
+                    f"{type(features['label']).__name__}, not ClassLabel, so its classes "
+                    'have no names; only datasets with a ClassLabel label are supported.',
+                    argument='name')
+  own_names = tuple(features['label'].names)
+  class_names = _label_map(own_names, class_names, f'TFDS {name!r} split {split!r}',
+                           'label name', 'load every split from the same dataset')
+  label_of = {c: i for i, c in enumerate(class_names)}
+  relabel = np.asarray([label_of[c] for c in own_names], np.int32)
   clients = client_feature is not None  # None: client ids are not read.
   if clients:
     check_client_feature(name, client_feature, features)
@@ -291,10 +366,9 @@ def _load_tfds(name: str, split: str, image_size: int | None,
       client_ids.append(_plain(example[client_feature]))
   if not images:
     raise DataError(f'Split {split!r} of TFDS dataset {name!r} is empty.')
-  class_names = tuple(features['label'].names)
   return Dataset(_stack(images, [f'example {i}' for i in range(len(images))],
                         f'TFDS {name!r} split {split!r}'),
-                 np.asarray(labels, np.int32), class_names,
+                 relabel[np.asarray(labels, np.int64)], class_names,
                  np.asarray(client_ids) if clients else None)
 
 
@@ -316,11 +390,13 @@ def _plain(value):
 
 
 def _synthetic(split: str, image_size: int | None, num_classes: int | None,
-               num_examples: int | None, seed: int) -> Dataset:
+               num_examples: int | None, seed: int,
+               class_names: Sequence[str] | None = None) -> Dataset:
   """Class templates plus noise: learnable, yet needing no files.
 
   Templates depend on `seed` only, so every split shares the same classes;
-  the noise and labels also depend on `split`, so splits differ.
+  the noise and labels also depend on `split`, so splits differ. Class k is named
+  str(k); labels number `class_names` (the training split's; None: these), see `_label_map`.
   """
   for arg, value in (('num_classes', num_classes), ('image_size', image_size),
                      ('num_examples', num_examples)):
@@ -335,5 +411,9 @@ def _synthetic(split: str, image_size: int | None, num_classes: int | None,
   labels = rng.permutation(np.arange(num_examples) % num_classes)
   noise = 48 * rng.standard_normal((num_examples,) + shape, np.float32)
   images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
-  return Dataset(images, labels.astype(np.int32),
-                 tuple(str(i) for i in range(num_classes)))
+  own_names = tuple(str(i) for i in range(num_classes))
+  class_names = _label_map(own_names, class_names, f'synthetic data split {split!r}',
+                           'class name', 'give every split the same num_classes')
+  label_of = {c: i for i, c in enumerate(class_names)}
+  relabel = np.asarray([label_of[c] for c in own_names], np.int32)
+  return Dataset(images, relabel[labels], class_names)

@@ -69,7 +69,9 @@ def init_params(config, model, rng):
   return params
 
 
-def load_data(config, split: str) -> sources.Dataset:
+def load_data(config, split: str, class_names=None) -> sources.Dataset:
+  """One split; every split but the training one takes `class_names`, the training
+  split's, so that it is labelled by class name (`sources.load`)."""
   d = config.data
   synthetic = d.source == 'synthetic'
   is_train = split == d.train_split
@@ -87,7 +89,8 @@ def load_data(config, split: str) -> sources.Dataset:
         d.source, name=d.name, path=d.path, split=split, image_size=image_size,
         data_dir=d.data_dir, download=d.download, num_classes=d.num_classes,
         num_examples=num_examples, seed=config.seed,
-        clients=d.partition == 'natural', client_feature=d.client_feature)
+        clients=d.partition == 'natural', client_feature=d.client_feature,
+        class_names=class_names)
 
 
 def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
@@ -333,7 +336,7 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   """
   init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
   train_set, client_indices = load_partition(config)
-  test_set = load_data(config, config.data.test_split)
+  test_set = load_data(config, config.data.test_split, class_names=train_set.class_names)
   client_sizes = [len(ids) for ids in client_indices]
   partition = describe_partition(config, train_set, client_indices)
   privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
