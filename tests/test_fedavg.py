@@ -12,6 +12,7 @@ from fedpeft_jax import errors
 from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import server_optimizers
 from tests.conftest import LINEAR_CLASSES, LINEAR_DIM, linear_loss_fn, linear_problem
 
 def _poisoned_loss(trainable, frozen, batch, rng):
@@ -33,7 +34,9 @@ def _per_client_loop(trainable, frozen, dataset, parts, clients, reported, keys,
   contributions, nonfinite = [], 0
   for c in clients[reported]:
     size = len(parts[c])
-    ids = jnp.asarray(parts[c] if size else [0], jnp.int32)  # Nothing indexes an empty list.
+    if not size:  # A client without examples has no update to report.
+      continue
+    ids = jnp.asarray(parts[c], jnp.int32)
     out = _unpadded_update(loss_fn, sample_dp, len(ids), prox_mu)(
         trainable, frozen, dataset, ids, size, jax.random.fold_in(keys.clients, c))
     if not all(np.isfinite(x).all() for x in jax.tree.leaves((out.delta, out.loss_sum))):
@@ -261,3 +264,118 @@ def test_an_unknown_schedule_is_a_user_error():
   with pytest.raises(errors.UserError, match=r"schedule='fast': use one of \('packed'"):
     fedavg.fedavg(linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=8,
                   clients_per_round=2, num_clients=2, schedule='fast')
+
+
+def _reference_deltas(trainable, frozen, dataset, parts, keys, clients, **options):
+  """Each client trained alone on exactly its own examples (no padding, no table)."""
+  deltas = {}
+  for c in clients:
+    ids = jnp.asarray(parts[c], jnp.int32)
+    update = jax.jit(client_lib.make_client_update(
+        linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), max_examples=len(ids), **options))
+    deltas[c] = update(trainable, frozen, dataset, ids, len(ids),
+                       jax.random.fold_in(keys.clients, c)).delta
+  return deltas
+
+
+@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+def test_padding_never_reads_another_clients_example(schedule):
+  """A NaN in each dataset row in turn: only that row's owner sends a non-finite update;
+  every other client's update is what it computes alone on its own examples, so the
+  round's model is the numpy mean of those. (Padding that read dataset row 0 made every
+  client whose last batch is not full NaN when row 0 was.)"""
+  sizes = (5, 7, 3, 0, 6)  # Batch 4: every non-empty client's last batch is padded.
+  dataset, parts, trainable, frozen = linear_problem(sizes=sizes)
+  table = fedavg.ClientTable.from_partition(parts)
+  options = dict(num_epochs=2, batch_size=4)
+  # All 5 clients a round through 2 lanes: padded chunks end in a lane without a client,
+  # and packed lanes run dry while others still train.
+  algorithm = fedavg.fedavg(linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4),
+                            max_examples=table.max_examples, clients_per_round=5,
+                            num_clients=5, client_chunk=2, schedule=schedule, **options)
+  apply = jax.jit(algorithm.apply)
+  state = algorithm.init(trainable, jax.random.key(7))
+  keys = fedavg.round_keys(jax.random.key(7), 0)
+  owner = np.repeat(np.arange(len(sizes)), sizes)
+  deltas = _reference_deltas(trainable, frozen, dataset, parts, keys,
+                             [c for c in range(5) if sizes[c]], **options)
+  for row in range(len(owner)):
+    poisoned = dict(dataset, x=dataset['x'].at[row].set(jnp.nan))
+    new, m = apply(state, frozen, poisoned, table)
+    assert int(m.num_nonfinite) == 1, f'row {row}: {int(m.num_nonfinite)} clients NaN'
+    others = [c for c in deltas if c != owner[row]]
+    assert int(m.num_reported) == len(others)
+    weights = np.asarray([sizes[c] for c in others], np.float64)
+    expected = jax.tree.map(
+        lambda w, *ds: np.asarray(w, np.float64) + sum(
+            p * np.asarray(d, np.float64) for p, d in zip(weights / weights.sum(), ds)),
+        trainable, *[deltas[c] for c in others])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new.trainable, expected)
+  assert apply._cache_size() == 1
+
+
+def test_a_masked_row_is_zeros_and_never_reaches_the_gradient():
+  """Padding ids gather zeros; with a NaN-on-read loss, a client's own rows still train."""
+  dataset = {'x': jnp.arange(12.0).reshape(6, 2), 'y': jnp.arange(6)}
+  ids = jnp.asarray([4, 5, client_lib.PADDING_ID, client_lib.PADDING_ID])
+  batch = client_lib.gather_batch(dataset, ids)
+  np.testing.assert_array_equal(batch['x'], [[8, 9], [10, 11], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(batch['y'], [4, 5, 0, 0])
+
+
+SERVER_OPTIMIZER_NAMES = server_optimizers.SERVER_OPTIMIZERS
+
+
+@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('by_examples', [True, False], ids=['weighted', 'uniform'])
+def test_a_round_of_only_empty_clients_changes_nothing(schedule, by_examples):
+  """1 client a round of 2 with examples and 2 without (min_client_size=0): a round whose
+  client holds no example keeps the model, the server optimizer's and the aggregator's
+  state bit for bit, under every server optimizer (FedAvgM's momentum and FedAdam's
+  moments would otherwise keep stepping), counts nobody as reported and has no loss."""
+  dataset, parts, trainable, frozen = linear_problem(sizes=(0, 7, 0, 5))
+  table = fedavg.ClientTable.from_partition(parts)
+  for name in SERVER_OPTIMIZER_NAMES:
+    algorithm = fedavg.fedavg(
+        linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
+        max_examples=table.max_examples, clients_per_round=1, num_clients=4,
+        aggregator=aggregators.weighted_mean(by_examples),
+        server_optimizer=server_optimizers.server_optimizer(name, 0.5), schedule=schedule)
+    apply = jax.jit(algorithm.apply)
+    state = algorithm.init(trainable, jax.random.key(3))
+    kinds = set()
+    for _ in range(10):
+      before = state
+      state, m = apply(state, frozen, dataset, table)
+      empty = len(parts[int(m.clients[0])]) == 0
+      kinds.add(empty)
+      if empty:
+        for field in ('trainable', 'opt_state', 'aggregator_state'):
+          jax.tree.map(np.testing.assert_array_equal, getattr(state, field),
+                       getattr(before, field))
+        assert int(m.num_reported) == 0 and np.isnan(float(m.train_loss))
+      else:
+        assert int(m.num_reported) == 1 and np.isfinite(float(m.train_loss))
+        assert not np.array_equal(state.trainable['w'], before.trainable['w'])
+    assert kinds == {True, False}, name  # The seed gives both kinds of round.
+
+
+def test_a_client_without_examples_does_not_dilute_a_uniform_mean():
+  """Uniform weighting: the mean over a cohort of one client with examples and one
+  without is the first client's update alone, not half of it."""
+  dataset, parts, trainable, frozen = linear_problem(sizes=(6, 0))
+  table = fedavg.ClientTable.from_partition(parts)
+  algorithm = fedavg.fedavg(
+      linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
+      max_examples=table.max_examples, clients_per_round=2, num_clients=2,
+      aggregator=aggregators.weighted_mean(by_examples=False))
+  state, m = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)), frozen,
+                                      dataset, table)
+  keys = fedavg.round_keys(jax.random.key(0), 0)
+  delta = _reference_deltas(trainable, frozen, dataset, parts, keys, [0], num_epochs=1,
+                            batch_size=4)[0]
+  assert int(m.num_reported) == 1
+  jax.tree.map(lambda a, w, d: np.testing.assert_allclose(a, np.asarray(w) + np.asarray(d),
+                                                          rtol=1e-5, atol=1e-6),
+               state.trainable, trainable, delta)

@@ -74,7 +74,8 @@ class RoundSummary(loop.Callback):
 
   def on_round_end(self, round_index, state, metrics, record):
     record.update(
-        train_loss=float(metrics.train_loss),
+        # None (JSON null) in a round that aggregated no example: there was no training.
+        train_loss=float(metrics.train_loss) if np.isfinite(metrics.train_loss) else None,
         clients=[int(c) for c in metrics.clients if c >= 0],
         clients_reported=int(metrics.num_reported),
         clients_nonfinite=int(metrics.num_nonfinite),
@@ -253,9 +254,9 @@ class TensorBoard(loop.Callback):
   def on_round_end(self, round_index, state, metrics, record):
     diagnostics = record.get('diagnostics', {})
     for key, (tag, scale) in TENSORBOARD_TAGS.items():
-      if key in record:
+      if record.get(key) is not None:
         self.writer.add_scalar(tag, float(record[key]) * scale, round_index)
-      elif key in diagnostics:
+      elif diagnostics.get(key) is not None:
         self.writer.add_scalar(f'diagnostics/{tag}', float(diagnostics[key]) * scale,
                                round_index)
     self.writer.flush()
@@ -277,11 +278,13 @@ class Console(loop.Callback):
     self.seconds.append(record['round_s'])
     # Under DP the counts are diagnostics, and the round released its noise anyway.
     if record.get('clients_reported') == 0 and not record['clients_nonfinite']:
-      console.say(f'round {round_index}: no sampled client reported '
-                  f'({int(metrics.num_sampled)} sampled); the model is unchanged')
+      console.say(f'round {round_index}: no sampled client reported an update with '
+                  f'examples ({int(metrics.num_sampled)} sampled); the model is unchanged')
     accuracy = record.get('test_accuracy')
-    loss = (f'loss {record["train_loss"]:.4f}' if 'train_loss' in record else
-            f'loss {record["diagnostics"]["train_loss"]:.4f} (diagnostic)')
+    diagnostic = 'train_loss' not in record
+    value = record['diagnostics']['train_loss'] if diagnostic else record['train_loss']
+    loss = ('loss   -   ' if value is None else f'loss {value:.4f}') + (
+        ' (diagnostic)' if diagnostic else '')
     line = (f'round {round_index:4d}/{self.rounds}  '
             + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
             + (f'  eps {float(record["epsilon"]):.3g}' if 'epsilon' in record else '')

@@ -52,7 +52,10 @@ def weighted_mean(by_examples: bool = True) -> Aggregator:
                         jnp.ones((), jnp.float32))
 
   def finalize(total, count, state, rng):
-    return Aggregate(_safe_mean(total.delta, total.weight), state, {}, count > 0)
+    # Nothing to apply unless some weight was aggregated: a round of only zero-weight
+    # updates leaves the model and the server optimizer's state as they were.
+    released = (count > 0) & (total.weight > 0)
+    return Aggregate(_safe_mean(total.delta, total.weight), state, {}, released)
 
   return Aggregator(lambda: (), contribute, finalize)
 

@@ -17,14 +17,19 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedpeft_jax import errors
 from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
-# loss_fn(trainable, frozen, batch, rng) -> per-example losses [batch_size].
+# loss_fn(trainable, frozen, batch, rng) -> per-example losses [batch_size]. A batch's
+# masked-out rows (padding) are all zeros: the loss must be finite on them.
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], jax.Array]
+# The example id of padding: past the end of any dataset, so a gather in 'fill' mode
+# reads zeros for it and never another client's example.
+PADDING_ID = np.iinfo(np.int32).max
 
 
 class ClientOutput(NamedTuple):
@@ -103,6 +108,14 @@ def sampled_batch(rng, num_examples, max_examples: int, batch_size: int, index):
           jnp.arange(batch_size) < jnp.minimum(num_examples, batch_size))
 
 
+def gather_batch(dataset: PyTree, ids: jax.Array) -> PyTree:
+  """Rows `ids` [batch] of every leaf of `dataset`; an id out of range (`PADDING_ID`)
+  gives a row of zeros. Masked-out rows are zeros, not data: no other client's example
+  is read, and a non-finite example cannot reach a gradient through a masked row (a
+  masked loss still multiplies a NaN row's gradient by zero, which stays NaN)."""
+  return jax.tree.map(lambda x: x.at[ids].get(mode='fill', fill_value=0), dataset)
+
+
 def _finite_per_example(losses, grads) -> jax.Array:
   """[batch] True where an example's loss and every entry of its gradient are finite."""
   finite = jnp.isfinite(losses)
@@ -175,7 +188,7 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
     # carries no batch plan.
     order_rng, step_rng = jax.random.split(jax.random.fold_in(rng, epoch))
     positions, valid = make_batch(order_rng, num_examples, max_examples, batch_size, index)
-    batch = jax.tree.map(lambda x: x[example_ids[positions]], dataset)
+    batch = gather_batch(dataset, jnp.where(valid, example_ids[positions], PADDING_ID))
     grads, batch_loss = grad_fn(state.params, frozen, batch, valid,
                                 jax.random.fold_in(step_rng, index))
     if prox_mu:

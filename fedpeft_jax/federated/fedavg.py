@@ -62,14 +62,18 @@ class Scaffold(NamedTuple):
 
 
 class ClientTable(NamedTuple):
-  """Every client's example ids into the shared dataset, padded to one length."""
+  """Every client's example ids into the shared dataset, padded to one length.
+
+  The padding is `client.PADDING_ID`, an id past the end of any dataset: a padded
+  position reads zeros, never another client's example.
+  """
   example_ids: jax.Array  # int32 [num_clients, max_examples]
   num_examples: jax.Array  # int32 [num_clients]
 
   @classmethod
   def from_partition(cls, client_indices: list[np.ndarray]) -> 'ClientTable':
-    max_examples = max(len(ids) for ids in client_indices)
-    table = np.zeros((len(client_indices), max_examples), np.int32)
+    max_examples = max(1, max(len(ids) for ids in client_indices))
+    table = np.full((len(client_indices), max_examples), client_lib.PADDING_ID, np.int32)
     for row, ids in zip(table, client_indices):
       row[:len(ids)] = ids
     return cls(jnp.asarray(table),
@@ -257,17 +261,24 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
     queue = clients[jnp.lexsort((-table.num_examples[clients], ~reported))]
     server_variate = jax.tree.map(lambda c_all: c_all.mean(0), state.variates)
 
+    def num_examples_of(clients):
+      """Each client's example count; 0 for -1, a lane or slot without a client."""
+      return jnp.where(clients >= 0, table.num_examples[jnp.maximum(clients, 0)], 0)
+
     def client_inputs(client):
       """What `client` trains on besides the parameters: its examples, its key and (with
-      SCAFFOLD) the correction c - c_i of its gradients."""
+      SCAFFOLD) the correction c - c_i of its gradients. Client -1 (a lane without a
+      client) has only padding: it reads nothing and takes no step."""
+      has_client, index = client >= 0, jnp.maximum(client, 0)
       correction = None if scaffold is None else jax.tree.map(
-          lambda c, c_all: c - c_all[client], server_variate, state.variates)
-      return (table.example_ids[client], table.num_examples[client],
-              jax.random.fold_in(keys.clients, client), correction)
+          lambda c, c_all: c - c_all[index], server_variate, state.variates)
+      example_ids = jnp.where(has_client, table.example_ids[index], client_lib.PADDING_ID)
+      return (example_ids, num_examples_of(client), jax.random.fold_in(keys.clients, index),
+              correction)
 
     def variate_changes(ids, delta):
       """SCAFFOLD option II: c_i+ - c_i = -c - delta_i / (K_i * local learning rate)."""
-      steps = local.num_steps(table.num_examples[ids])
+      steps = local.num_steps(num_examples_of(ids))
       scale = 1.0 / (jnp.maximum(steps, 1) * scaffold.local_learning_rate)
       # A client without examples took no step and keeps its variate.
       return jax.tree.map(
@@ -275,10 +286,13 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
           delta, server_variate)
 
     def add_clients(totals: _Totals, ids, out: client_lib.ClientOutput, in_cohort):
-      """Adds the updates of clients `ids` where `in_cohort` to the sums, if finite."""
+      """Adds the updates of clients `ids` (-1: none) where `in_cohort` to the sums, if
+      finite and of positive weight. A client without examples has no update to report:
+      it is not counted, and a round of only such clients aggregates nothing."""
       finite = jax.vmap(_all_finite)(out.delta) & jnp.isfinite(out.loss_sum)
-      use = in_cohort & finite
-      contribution = contribute(out.delta, table.num_examples[ids], state.aggregator_state)
+      num_examples = num_examples_of(ids)
+      contribution = contribute(out.delta, num_examples, state.aggregator_state)
+      use = in_cohort & finite & (num_examples > 0) & (contribution.weight > 0)
       # where, not multiply: a NaN times zero is still NaN. The clients' contributions are
       # gathered whole before summing, in one order on every device: the sums, and so the
       # model, are bit-identical on any number of devices and hosts (an all-reduce's order
@@ -288,11 +302,12 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
       variates = totals.variates
       if scaffold is not None:
         # An add, not a set: padding lanes repeat an id, and add zero to it.
-        variates = jax.tree.map(lambda c, c_all: c_all.at[ids].add(used(c)),
+        variates = jax.tree.map(lambda c, c_all: c_all.at[jnp.maximum(ids, 0)].add(used(c)),
                                 variate_changes(ids, out.delta), variates)
       return _Totals(
           jax.tree.map(masked_sum, contribution, totals.contributions),
-          totals.num_used + use.sum(), totals.num_nonfinite + (in_cohort & ~finite).sum(),
+          totals.num_used + use.sum(),
+          totals.num_nonfinite + (in_cohort & ~finite).sum(),
           totals.loss_sum + jnp.where(use, out.loss_sum, 0).sum(),
           totals.examples_used + jnp.where(use, out.examples_seen, 0).sum(),
           totals.examples_trained + jnp.where(in_cohort, out.examples_seen, 0).sum(),
@@ -300,17 +315,18 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
 
     def train_padded(totals):
       capacity = -(-queue.shape[0] // chunk) * chunk
-      ids = jnp.pad(queue, (0, capacity - queue.shape[0]))
+      # Past the reporting clients, lanes hold no client (-1) and read no one's data.
+      ids = jnp.where(jnp.arange(capacity) < num_reporting,
+                      jnp.pad(queue, (0, capacity - queue.shape[0])), -1)
 
       def run_chunk(i, totals):
         chunk_ids = by_client(jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,)))
         out = jax.vmap(lambda c: local.run(state.trainable, frozen, dataset,
                                            *client_inputs(c)))(chunk_ids)
         # Every lane computes as many steps as the chunk's largest client takes.
-        computed = chunk * local.num_steps(table.num_examples[chunk_ids]).max() * batch_size
+        computed = chunk * local.num_steps(num_examples_of(chunk_ids)).max() * batch_size
         totals = totals._replace(examples_computed=totals.examples_computed + computed)
-        return add_clients(totals, chunk_ids, out,
-                           i * chunk + jnp.arange(chunk) < num_reporting)
+        return add_clients(totals, chunk_ids, out, chunk_ids >= 0)
 
       return jax.lax.fori_loop(0, (num_reporting + chunk - 1) // chunk, run_chunk, totals)
 
@@ -322,7 +338,7 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         stepped = jax.vmap(jax.vmap(
             lambda client_state, c: local.step(client_state, state.trainable, frozen,
                                                dataset, *client_inputs(c))))(
-            piece.local, jnp.maximum(piece.client, 0))
+            piece.local, piece.client)
         # On a device with fewer clients in training than the piece is wide, the lanes
         # past them (free, or finished and not yet collected) keep their state.
         kept = jax.tree.map(lambda new, old: jnp.where(_by_lane(piece.training, new), new, old),
@@ -340,7 +356,7 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         # devices their lanes are on, so the model is the same bit for bit on any number.
         done = jax.tree.map(lambda x: x[jnp.lexsort((lanes.client, ~lanes.finished))], lanes)
         totals = add_clients(
-            totals, jnp.maximum(done.client, 0),
+            totals, done.client,
             jax.vmap(local.finalize, in_axes=(0, None))(done.local, state.trainable),
             done.finished)
         free = ~lanes.training
@@ -350,7 +366,7 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
                            jnp.where(free, -1, lanes.client))
         lanes = _Lanes(
             client,
-            jnp.where(client >= 0, local.num_steps(table.num_examples[jnp.maximum(client, 0)]), 0),
+            local.num_steps(num_examples_of(client)),
             jax.tree.map(lambda fresh, x: jnp.where(_by_lane(takes, x), fresh, x),
                          local.init(state.trainable), lanes.local))
         # Rank r in training order goes to device r % devices, slot r // devices: every
@@ -409,7 +425,9 @@ def fedavg(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTransform
         clients=jnp.where(sampled, clients, -1), reported=reported,
         num_sampled=sampled.sum(), num_reported=totals.num_used,
         num_nonfinite=totals.num_nonfinite,
-        train_loss=totals.loss_sum / jnp.maximum(totals.examples_used, 1),
+        # NaN when no example was aggregated: an empty round has no training loss.
+        train_loss=jnp.where(totals.examples_used > 0,
+                             totals.loss_sum / jnp.maximum(totals.examples_used, 1), jnp.nan),
         aggregator=aggregate.metrics, examples_trained=totals.examples_trained,
         examples_computed=totals.examples_computed)
     return ServerState(trainable, opt_state, aggregate.state, state.round + 1,
