@@ -379,3 +379,30 @@ def test_a_client_without_examples_does_not_dilute_a_uniform_mean():
   jax.tree.map(lambda a, w, d: np.testing.assert_allclose(a, np.asarray(w) + np.asarray(d),
                                                           rtol=1e-5, atol=1e-6),
                state.trainable, trainable, delta)
+
+
+@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+def test_under_client_dp_a_client_without_examples_is_not_counted(schedule):
+  """DP-FedAvg still releases every round, but a client without examples adds nothing:
+  not to the count of reporters, nor to the adaptive clip's count of unclipped updates."""
+  dataset, parts, trainable, frozen = linear_problem(sizes=(6, 0))
+  table = fedavg.ClientTable.from_partition(parts)
+  algorithm = fedavg.fedavg(
+      linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
+      max_examples=table.max_examples, clients_per_round=2, num_clients=2, schedule=schedule,
+      aggregator=aggregators.dp_fedavg(clip_norm=1e3, noise_multiplier=0.0,
+                                       expected_clients=2, adaptive=True))
+  state, m = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)), frozen,
+                                      dataset, table)
+  assert int(m.num_reported) == 1
+  assert float(m.aggregator['clipped_fraction']) == 0.0
+  keys = fedavg.round_keys(jax.random.key(0), 0)
+  delta = _reference_deltas(trainable, frozen, dataset, parts, keys, [0], num_epochs=1,
+                            batch_size=4)[0]
+  # The noised sum over the public expected count of 2: one update, halved.
+  jax.tree.map(lambda a, w, d: np.testing.assert_allclose(
+      a, np.asarray(w) + np.asarray(d) / 2, rtol=1e-5, atol=1e-6),
+               state.trainable, trainable, delta)
+  # The clip norm moved by one unclipped update of one counted (Andrew et al. 2021).
+  np.testing.assert_allclose(float(state.aggregator_state.clip_norm),
+                             1e3 * np.exp(-0.2 * ((1 - 1 / 2) / 2 + 0.5 - 0.5)), rtol=1e-6)
