@@ -97,6 +97,9 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.model.representation_size = config_dict.placeholder(int)  # pre_logits, off.
   c.model.attention = ''  # '' (XLA) or 'cudnn': fused attention on NVIDIA GPUs.
   c.model.frozen_dtype = ''  # e.g. 'bfloat16': store the frozen backbone so; '': as params.
+  # Position embeddings of a checkpoint made at another image size: 'zoom' (the official
+  # release's scipy.ndimage.zoom, order 1) or 'bicubic' (timm's resample_abs_pos_embed).
+  c.model.posemb_resample = 'zoom'
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = method

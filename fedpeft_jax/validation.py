@@ -88,6 +88,7 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.frozen_dtype', ('',) + DTYPES)
   _one_of(config, 'model.attention', ('', 'xla', 'cudnn'))
+  _one_of(config, 'model.posemb_resample', checkpoint.POSEMB_RESAMPLERS)
   if config.model.checkpoint and needs_weights:  # Opens the file; reads no weights.
     with config_keys(config, path='model.checkpoint'):
       checkpoint.read_shapes(config.model.checkpoint)

@@ -51,6 +51,26 @@ def test_checkpoint_check_reads_headers_only_and_names_the_config_key(tmp_path, 
   assert '\n' not in str(e.value)
 
 
+def test_init_params_resamples_position_embeddings_as_configured(tmp_path):
+  """model.posemb_resample reaches the loader; a bad value names its config key."""
+  from fedpeft_jax.model import checkpoint
+  config = tiny_config('bias')  # 4x4 patches.
+  model = build.build_model(config)
+  params = build.init_params(config, model, jax.random.key(0))
+  posemb = np.random.default_rng(0).normal(size=(1, 1 + 8 * 8, 32)).astype(np.float32)
+  config.model.checkpoint = _save_params(
+      tmp_path / 'at_32px.npz', params, **{'Transformer/posembed_input/pos_embedding': posemb})
+  for method in checkpoint.POSEMB_RESAMPLERS:
+    config.model.posemb_resample = method
+    loaded = build.init_params(config, model, jax.random.key(0))
+    np.testing.assert_array_equal(loaded['Transformer']['posembed_input']['pos_embedding'],
+                                  checkpoint.resample_posemb(posemb, 17, method))
+  config.model.posemb_resample = 'bilinear'
+  with pytest.raises(validation.ConfigError,
+                     match=r"^--config\.model\.posemb_resample='bilinear': .*zoom, bicubic$"):
+    build.init_params(config, model, jax.random.key(0))
+
+
 def test_build_gives_a_round_that_trains_and_an_evaluation():
   config = tiny_config('bias')
   experiment = build.build(config)

@@ -24,6 +24,7 @@ from tests.test_launch import _one_error_line
     ('model.name', 'vit_h14', 'must be one of vit_b16'),
     ('model.image_size', 18, 'must be divisible by the patch size 4'),
     ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),
+    ('model.posemb_resample', 'bilinear', 'must be one of zoom, bicubic'),
     ('data.partition', 'pathological', 'must be one of iid, dirichlet, shards, quantity, natural'),
     ('data.shards_per_client', 0, 'must be >= 1'),
     ('fl.dropout_prob', 1.0, 'must be in [0, 1)'),

@@ -64,8 +64,10 @@ def check_pretrained(config, model) -> None:
 def init_params(config, model, rng):
   params = jax.jit(model.init)(rng, _dummy_images(config))['params']
   if config.model.checkpoint:
-    with validation.config_keys(config, path='model.checkpoint'):
-      params = checkpoint_lib.load_pretrained(config.model.checkpoint, params)
+    with validation.config_keys(config, path='model.checkpoint',
+                                posemb_resample='model.posemb_resample'):
+      params = checkpoint_lib.load_pretrained(config.model.checkpoint, params,
+                                              config.model.posemb_resample)
   return params
 
 

@@ -13,6 +13,7 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 from flax import traverse_util
 
 from fedpeft_jax import errors
@@ -34,22 +35,78 @@ def _is_new(key: str) -> bool:
       part.startswith(_NOT_IN_CHECKPOINT) for part in key.split('/'))
 
 
-def interpolate_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
-  """Resizes (1, 1 + g*g, D) position embeddings to (1, num_tokens, D) bilinearly.
+# How a position-embedding grid is resized for another image size (`resample_posemb`).
+POSEMB_RESAMPLERS = ('zoom', 'bicubic')
 
-  The class token's embedding is kept as is; only the patch grid is resized.
-  """
-  cls, grid = posemb[:, :1], posemb[0, 1:]
-  old = int(round(np.sqrt(grid.shape[0])))
-  new = int(round(np.sqrt(num_tokens - 1)))
-  if old * old != grid.shape[0] or new * new != num_tokens - 1:
+
+def _check_resampler(method: str) -> None:
+  if method not in POSEMB_RESAMPLERS:
     raise CheckpointError(
-        f'cannot interpolate position embeddings of shape {posemb.shape} to '
-        f'{num_tokens} tokens: both grids must be square')
+        f'unknown position-embedding resampler {method!r}: use one of '
+        f'{", ".join(POSEMB_RESAMPLERS)}', argument='posemb_resample')
+
+
+def _square_grid(num_tokens: int) -> bool:
+  """Whether `num_tokens` is a class token plus a square grid of patches."""
+  side = int(round(np.sqrt(max(num_tokens - 1, 0))))
+  return side >= 1 and side * side == num_tokens - 1
+
+
+def resample_posemb(posemb: np.ndarray, num_tokens: int, method: str = 'zoom',
+                    class_token: bool = True) -> np.ndarray:
+  """Resizes (1, [1 +] g*g, D) position embeddings to (1, num_tokens, D).
+
+  The class token's embedding, when there is one, is kept as is; the remaining
+  g*g tokens are a square (g, g, D) grid, resized to (h, h, D) with
+  h*h = num_tokens [- 1] and flattened row-major, as the official loader does.
+
+  Args:
+    posemb: (1, N, D) embeddings as stored in a checkpoint.
+    num_tokens: the model's token count, class token included.
+    method: 'zoom' (default): the official google-research/vision_transformer
+      loader (`vit_jax/checkpoint.py`, `load_pretrained`):
+      `scipy.ndimage.zoom(grid, (h/g, h/g, 1), order=1)`, i.e. linear
+      interpolation on align-corners coordinates (input index i*(g-1)/(h-1)),
+      with no antialiasing when shrinking: corner tokens are kept exactly.
+      'bicubic': timm's `resample_abs_pos_embed` with its defaults
+      (`F.interpolate(mode='bicubic', align_corners=False, antialias=True)`),
+      which PyTorch computes as PIL does: Keys' cubic with a = -0.5 on
+      half-pixel centres, the kernel widened by g/h when shrinking, and the
+      weights that fall outside the grid dropped and the rest renormalised.
+      That is `jax.image.resize(..., 'cubic', antialias=True)`, equal to timm
+      up to float32 rounding (no torch needed). timm before 0.9
+      (`resize_pos_embed`) used antialias=False, which PyTorch computes with
+      a = -0.75 and replicated borders; that variant is not offered.
+    class_token: whether token 0 is the class token (the official loader's
+      `classifier == 'token'`); False resizes all N tokens as the grid.
+  Returns:
+    (1, num_tokens, D) float array: float32 unless `posemb` is float64.
+  Raises:
+    CheckpointError when either grid is not square or `method` is unknown.
+  """
+  _check_resampler(method)
+  posemb = np.asarray(posemb)
+  if posemb.dtype != np.float64:
+    posemb = posemb.astype(np.float32)  # scipy.ndimage has no float16/bfloat16.
+  prefix = 1 if class_token else 0
+  count = posemb.shape[1] - prefix if posemb.ndim == 3 and posemb.shape[0] == 1 else -1
+  old = int(round(np.sqrt(max(count, 0))))
+  new = int(round(np.sqrt(max(num_tokens - prefix, 0))))
+  if count < 1 or old * old != count or new < 1 or new * new != num_tokens - prefix:
+    raise CheckpointError(
+        f'cannot resample position embeddings of shape {posemb.shape} to '
+        f'{num_tokens} tokens: both grids must be square'
+        + (' after the class token' if class_token else ''))
+  tokens, grid = posemb[:, :prefix], posemb[0, prefix:]
   grid = grid.reshape(old, old, -1)
-  grid = jax.image.resize(jnp.asarray(grid, jnp.float32), (new, new, grid.shape[-1]),
-                          'bilinear')
-  return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
+  if method == 'zoom':
+    grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
+  else:
+    grid = np.asarray(jax.image.resize(jnp.asarray(grid, jnp.float32),
+                                       (new, new, grid.shape[-1]), 'cubic', antialias=True),
+                      posemb.dtype)
+  assert grid.shape[:2] == (new, new), (grid.shape, new)
+  return np.concatenate([tokens, grid.reshape(1, new * new, -1)], axis=1)
 
 
 def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -81,7 +138,7 @@ def _keys_to_load(path: str, checkpoint_shapes: dict, model_shapes: dict) -> lis
   """The backbone keys to take from the checkpoint; raises naming every mismatch.
 
   A `pre_logits` layer the model lacks is dropped with a warning; position
-  embeddings of another grid size are interpolated on loading.
+  embeddings of another square grid size are resampled on loading.
   """
   has_pre_logits = any(k.startswith(_PRE_LOGITS) for k in model_shapes)
   if not has_pre_logits and any(k.startswith(_PRE_LOGITS) for k in checkpoint_shapes):
@@ -92,8 +149,10 @@ def _keys_to_load(path: str, checkpoint_shapes: dict, model_shapes: dict) -> lis
   expected = {k for k in model_shapes if not _is_new(k)}
   missing = sorted(expected - available)
   unexpected = sorted(available - expected)
-  interpolated = lambda k: (k == _POSEMB and
-                            checkpoint_shapes[k][-1] == model_shapes[k][-1])
+  interpolated = lambda k: (k == _POSEMB and len(checkpoint_shapes[k]) == 3
+                            and checkpoint_shapes[k][::2] == tuple(model_shapes[k])[::2]
+                            and _square_grid(checkpoint_shapes[k][1])
+                            and _square_grid(model_shapes[k][1]))
   misshaped = sorted(f'{k}: checkpoint {checkpoint_shapes[k]} vs model {model_shapes[k]}'
                      for k in expected & available
                      if tuple(checkpoint_shapes[k]) != tuple(model_shapes[k])
@@ -117,24 +176,28 @@ def check_compatible(path: str, abstract_params) -> None:
   _keys_to_load(path, read_shapes(path), model_shapes)
 
 
-def load_pretrained(path: str, init_params):
+def load_pretrained(path: str, init_params, posemb_resample: str = 'zoom'):
   """Returns `init_params` with every backbone leaf replaced from `path`.
 
   Args:
     path: an official-layout `.npz` file (ViT-B/16 ImageNet-21k, the shared ViT-Ti/4).
     init_params: freshly initialised parameters (arrays or ShapeDtypeStructs
       are not enough: the head and PEFT leaves keep these values).
+    posemb_resample: how position embeddings of another grid size are resized,
+      one of POSEMB_RESAMPLERS (see `resample_posemb`); the class token's is kept.
   Raises:
-    CheckpointError naming every missing, unexpected and mis-shaped key, or an
-    unreadable file.
+    CheckpointError naming every missing, unexpected and mis-shaped key, an
+    unreadable file, or an unknown `posemb_resample`.
   """
+  _check_resampler(posemb_resample)  # Before reading any weights.
   flat = traverse_util.flatten_dict(init_params, sep='/')
   keys = _keys_to_load(path, read_shapes(path), {k: v.shape for k, v in flat.items()})
   with np.load(path) as f:
     for k in keys:
       value = f[k]
       if k == _POSEMB and value.shape != flat[k].shape:
-        logging.info('Interpolating position embeddings %s -> %s', value.shape, flat[k].shape)
-        value = interpolate_posemb(value, flat[k].shape[1])
+        logging.info('Resampling position embeddings %s -> %s (%s)', value.shape,
+                     flat[k].shape, posemb_resample)
+        value = resample_posemb(value, flat[k].shape[1], posemb_resample)
       flat[k] = jnp.asarray(value, dtype=flat[k].dtype)
   return traverse_util.unflatten_dict(flat, sep='/')
