@@ -10,6 +10,7 @@ from fedpeft_jax import errors, peft
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.federated import server_optimizers
+from fedpeft_jax.federated.algorithms import Algorithm, fedprox
 from tests.conftest import linear_loss_fn, linear_problem
 
 LR, TAU = 0.05, 1e-3
@@ -100,7 +101,8 @@ def test_fedprox_local_steps_follow_the_gradient_with_the_proximal_term_written_
   ids = jnp.asarray(parts[0], jnp.int32)
   run = lambda prox: jax.jit(client_lib.make_client_update(
       _deterministic_loss, optax.sgd(lr), num_epochs=3, batch_size=12, max_examples=12,
-      prox_mu=prox))(trainable, frozen, dataset, ids, 12, jax.random.key(0))
+      gradient=fedprox.with_proximal_term(Algorithm(), prox).gradient))(
+          trainable, frozen, dataset, ids, 12, jax.random.key(0))
   batch = jax.tree.map(lambda x: x[ids], dataset)
 
   def objective(w):
@@ -118,8 +120,7 @@ def test_fedprox_local_steps_follow_the_gradient_with_the_proximal_term_written_
 
 def test_a_negative_prox_mu_is_a_user_error():
   with pytest.raises(errors.UserError, match='prox_mu=-0.1: must be >= 0'):
-    client_lib.make_local_training(_deterministic_loss, optax.sgd(0.1), num_epochs=1,
-                                   batch_size=4, max_examples=4, prox_mu=-0.1)
+    fedprox.with_proximal_term(Algorithm(), -0.1)
 
 
 def _softmax_gradient(w, b, x, y):
@@ -168,8 +169,8 @@ def test_scaffold_variates_follow_the_papers_formulas_for_two_rounds(schedule):
     c = {k: c[k] + change[k] / len(sizes) for k in c}
     for k in x:
       np.testing.assert_allclose(state.trainable[k], x[k], rtol=1e-4, atol=1e-6)
-      np.testing.assert_allclose(np.mean(state.variates[k], 0), c[k], rtol=1e-4, atol=1e-6)
-      np.testing.assert_allclose(state.variates[k], np.stack([v[k] for v in c_i]), rtol=1e-4,
+      np.testing.assert_allclose(np.mean(state.algorithm_state[k], 0), c[k], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(state.algorithm_state[k], np.stack([v[k] for v in c_i]), rtol=1e-4,
                                  atol=1e-6)
   assert 0 < sum(np.abs(v['w']).sum() > 0 for v in c_i) < len(sizes)  # Some trained.
 
@@ -184,9 +185,9 @@ def test_scaffold_leaves_the_variates_of_dropped_and_nonfinite_clients_alone():
   state = algorithm.init(trainable, jax.random.key(1))
   left_alone = 0
   for _ in range(6):
-    before = np.asarray(state.variates['w'])
+    before = np.asarray(state.algorithm_state['w'])
     state, m = apply(state, *args)
-    after = np.asarray(state.variates['w'])
+    after = np.asarray(state.algorithm_state['w'])
     moved = {i for i in range(len(before)) if not np.array_equal(before[i], after[i])}
     sampled = {int(i) for i in m.clients if i >= 0}
     reported = {int(i) for i, r in zip(m.clients, m.reported) if r}

@@ -13,6 +13,7 @@ from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.federated import server_optimizers
+from fedpeft_jax.federated.algorithms import Algorithm, fedprox
 from tests.conftest import LINEAR_CLASSES, LINEAR_DIM, linear_loss_fn, linear_problem
 
 def _poisoned_loss(trainable, frozen, batch, rng):
@@ -24,7 +25,7 @@ def _poisoned_loss(trainable, frozen, batch, rng):
 def _unpadded_update(loss_fn, sample_dp, size, prox_mu):
   return jax.jit(client_lib.make_client_update(
       loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=2, batch_size=4, max_examples=size,
-      sample_dp=sample_dp, prox_mu=prox_mu))
+      sample_dp=sample_dp, gradient=fedprox.with_proximal_term(Algorithm(), prox_mu).gradient))
 
 
 def _per_client_loop(trainable, frozen, dataset, parts, clients, reported, keys, aggregator,

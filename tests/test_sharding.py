@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent('''
         hlo = apply.lower(state, frozen, dataset, table).compile().as_text()
         for _ in range(3):
           state, _ = apply(state, frozen, dataset, table)
-        results.append(((state.trainable, state.variates),
+        results.append(((state.trainable, state.algorithm_state),
                         'all-gather' in hlo or 'all-reduce' in hlo))
     for single, sharded in zip(results[:3], results[3:]):
       assert not single[1] and sharded[1], 'the sharded round must communicate across devices'

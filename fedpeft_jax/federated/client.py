@@ -17,19 +17,19 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from fedpeft_jax import errors
+from fedpeft_jax.federated import types
 from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
 # loss_fn(trainable, frozen, batch, rng) -> per-example losses [batch_size]. A batch's
 # masked-out rows (padding) are all zeros: the loss must be finite on them.
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], jax.Array]
-# The example id of padding: past the end of any dataset, so a gather in 'fill' mode
-# reads zeros for it and never another client's example.
-PADDING_ID = np.iinfo(np.int32).max
+# (grads, params, global params, client input) -> grads: the algorithm's hook on every
+# local step's gradient (FedProx's proximal term, SCAFFOLD's correction).
+GradientHook = Callable[[PyTree, PyTree, PyTree, PyTree], PyTree]
+PADDING_ID = types.PADDING_ID
 
 
 class ClientOutput(NamedTuple):
@@ -57,26 +57,26 @@ class LocalTraining(NamedTuple):
   """One client's local training as init, `num_steps(num_examples)` steps, finalize.
 
   A step takes the global parameters the client started from (FedProx pulls
-  towards them) and an optional `correction` added to every gradient (SCAFFOLD's
-  c - c_i); both are the same at every step of a client, so they are inputs, not
-  state.
+  towards them) and the algorithm's input for the client (SCAFFOLD's c - c_i), which
+  its gradient hook reads; both are the same at every step of a client, so they are
+  inputs, not state.
   """
   num_steps: Callable[[jax.Array], jax.Array]
   init: Callable[[PyTree], ClientState]  # The global trainable parameters -> fresh state.
   # (state, global trainable, frozen, dataset, example_ids, num_examples, rng,
-  #  correction or None) -> state one step on.
+  #  client input) -> state one step on.
   step: Callable[..., ClientState]
   finalize: Callable[[ClientState, PyTree], ClientOutput]  # (state, global params) -> output.
 
   def run(self, trainable, frozen, dataset, example_ids, num_examples, rng,
-          correction=None) -> ClientOutput:
+          client_input=None) -> ClientOutput:
     """The whole of one client's local training."""
     # Only this client's real steps run: under vmap the loop lasts as long as the
     # chunk's largest client needs, not as long as the largest client overall.
     state = jax.lax.fori_loop(
         0, self.num_steps(num_examples),
         lambda _, s: self.step(s, trainable, frozen, dataset, example_ids, num_examples, rng,
-                               correction),
+                               client_input),
         self.init(trainable))
     return self.finalize(state, trainable)
 
@@ -124,19 +124,24 @@ def _finite_per_example(losses, grads) -> jax.Array:
   return finite
 
 
+class LocalSpec(NamedTuple):
+  """What every client's local training is: E epochs of minibatches of `batch_size`
+  over at most `max_examples` examples, optionally DP-SGD."""
+  num_epochs: int
+  batch_size: int
+  max_examples: int
+  sample_dp: Optional[SampleDP] = None
+
+
 def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                         num_epochs: int, batch_size: int, max_examples: int,
                         sample_dp: Optional[SampleDP] = None,
-                        prox_mu: float = 0.0) -> LocalTraining:
+                        gradient: Optional[GradientHook] = None) -> LocalTraining:
   """`make_client_update` in pieces, for rounds that schedule clients' steps.
 
-  `prox_mu`: FedProx (Li et al. 2020), (prox_mu / 2) ||w - w_global||^2 added to
-  every step's loss over the trainable tree, i.e. prox_mu (w - w_global) to its
-  gradient (after DP-SGD's noise: the term holds no data).
+  `gradient`: the algorithm's hook on every step's gradient (after DP-SGD's noise),
+  e.g. FedProx's proximal term (`algorithms.fedprox`).
   """
-  if prox_mu < 0:
-    raise errors.UserError(f'prox_mu={prox_mu}: must be >= 0 (0 is FedAvg)',
-                           argument='prox_mu')
 
   def mean_grads(params, frozen, batch, valid, rng):
     def masked_mean_loss(p):
@@ -178,7 +183,7 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
     return ClientState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.float32),
                        zero, zero)
 
-  def step(state, trainable, frozen, dataset, example_ids, num_examples, rng, correction):
+  def step(state, trainable, frozen, dataset, example_ids, num_examples, rng, client_input):
     # At least 1: a round may step a client without examples and discard the result.
     per_epoch = jnp.maximum(steps_per_epoch(num_examples), 1)
     epoch, index = state.steps_done // per_epoch, state.steps_done % per_epoch
@@ -191,11 +196,8 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
     batch = gather_batch(dataset, jnp.where(valid, example_ids[positions], PADDING_ID))
     grads, batch_loss = grad_fn(state.params, frozen, batch, valid,
                                 jax.random.fold_in(step_rng, index))
-    if prox_mu:
-      grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, state.params,
-                           trainable)
-    if correction is not None:
-      grads = jax.tree.map(jnp.add, grads, correction)
+    if gradient is not None:
+      grads = gradient(grads, state.params, trainable, client_input)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return ClientState(optax.apply_updates(state.params, updates), opt_state,
                        state.loss_sum + batch_loss, state.examples_seen + valid.sum(),
@@ -210,9 +212,10 @@ def make_local_training(loss_fn: LossFn, optimizer: optax.GradientTransformation
 
 def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                        num_epochs: int, batch_size: int, max_examples: int,
-                       sample_dp: Optional[SampleDP] = None, prox_mu: float = 0.0):
+                       sample_dp: Optional[SampleDP] = None,
+                       gradient: Optional[GradientHook] = None):
   """Returns `client_update(trainable, frozen, dataset, example_ids, num_examples, rng,
-  correction=None)`.
+  client_input=None)`.
 
   `dataset` is a pytree of arrays with a leading example axis shared by all
   clients; `example_ids` [max_examples] indexes it (entries past
@@ -220,7 +223,7 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """
   return make_local_training(loss_fn, optimizer, num_epochs=num_epochs,
                              batch_size=batch_size, max_examples=max_examples,
-                             sample_dp=sample_dp, prox_mu=prox_mu).run
+                             sample_dp=sample_dp, gradient=gradient).run
 
 
 def sgd(learning_rate: float, momentum: float, weight_decay: float,
