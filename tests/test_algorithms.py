@@ -10,7 +10,8 @@ from fedpeft_jax import errors, peft
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import fedavg
 from fedpeft_jax.federated import server_optimizers
-from fedpeft_jax.federated.algorithms import Algorithm, fedprox
+from fedpeft_jax.federated import round as round_lib
+from fedpeft_jax.federated.algorithms import Algorithm, fednova, fedprox
 from tests.conftest import linear_loss_fn, linear_problem
 
 LR, TAU = 0.05, 1e-3
@@ -248,3 +249,70 @@ def test_ffa_lora_aggregates_to_the_average_of_the_clients_products(freeze_a):
     assert error < 1e-5, error
   else:
     assert error > 1e-3, error
+
+
+@pytest.mark.parametrize('momentum,nesterov', [(0.0, False), (0.6, False), (0.6, True)])
+def test_fednova_is_the_papers_normalised_average_written_out(momentum, nesterov):
+  """Wang et al. 2020, Eq. 6-7, in numpy for 2 rounds: clients of unequal sizes take
+  tau_i = E * ceil(n_i / B) steps; x += (sum_i p_i a_i) * sum_i p_i delta_i / a_i, with
+  a_i the total weight the client's momentum SGD put on its gradients, found here by
+  running that optimizer on unit gradients. Each client holds n_i copies of one example,
+  so its steps do not depend on the batch order. One client drops out of each round."""
+  sizes, lr, epochs, batch = (4, 9, 16, 6), 0.2, 2, 4
+  rng = np.random.default_rng(1)
+  x_rows = rng.normal(size=(len(sizes), 6)).astype(np.float32)
+  y_rows = rng.integers(0, 3, len(sizes))
+  dataset = {'x': jnp.asarray(np.repeat(x_rows, sizes, 0)),
+             'y': jnp.asarray(np.repeat(y_rows, sizes), jnp.int32)}
+  bounds = np.cumsum((0,) + sizes)
+  parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+  table = fedavg.ClientTable.from_partition(parts)
+  trainable = {'w': jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) * 0.1,
+               'b': jnp.zeros(3, jnp.float32)}
+  algorithm = round_lib.make_round(
+      _deterministic_loss, optax.sgd(lr, momentum=momentum or None, nesterov=nesterov),
+      client_lib.LocalSpec(epochs, batch, table.max_examples),
+      round_lib.Cohort(len(sizes), len(sizes), dropout_prob=0.25),
+      algorithm=fednova.fednova(momentum, nesterov))
+  apply = jax.jit(algorithm.apply)
+  state = algorithm.init(trainable, jax.random.key(5))
+
+  def sgd_weight(steps):  # Total coefficient on unit gradients after `steps` steps.
+    velocity, total = 0.0, 0.0
+    for _ in range(steps):
+      velocity = momentum * velocity + 1.0
+      total += (1.0 + momentum * velocity) if nesterov else velocity
+    return total
+
+  x = {k: np.asarray(v, np.float64) for k, v in trainable.items()}
+  dropped_any, fedavg_gap = False, 0.0
+  for _ in range(2):
+    state, m = apply(state, None, dataset, table)
+    reporters = np.asarray(m.clients)[np.asarray(m.reported)]
+    dropped_any |= len(reporters) < len(sizes)
+    p = np.asarray([sizes[c] for c in reporters], np.float64)
+    p /= p.sum()
+    normalised, a_all = [], []
+    for c in reporters:
+      steps = epochs * -(-sizes[c] // batch)
+      y = {k: v.copy() for k, v in x.items()}
+      velocity = {k: np.zeros_like(v) for k, v in x.items()}
+      for _ in range(steps):
+        g = _softmax_gradient(y['w'], y['b'], x_rows[c:c + 1].astype(np.float64),
+                              y_rows[c:c + 1])
+        for k in y:
+          velocity[k] = momentum * velocity[k] + g[k]
+          y[k] -= lr * ((g[k] + momentum * velocity[k]) if nesterov else velocity[k])
+      a = sgd_weight(steps)
+      a_all.append(a)
+      normalised.append({k: (y[k] - x[k]) / a for k in x})
+    tau_eff = float(np.dot(p, a_all))
+    fedavg_step = sum(pi * a * d['w'] for pi, a, d in zip(p, a_all, normalised))
+    x = {k: x[k] + tau_eff * sum(pi * d[k] for pi, d in zip(p, normalised)) for k in x}
+    fedavg_gap = max(fedavg_gap, float(np.abs(tau_eff * sum(
+        pi * d['w'] for pi, d in zip(p, normalised)) - fedavg_step).max()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                 dict(state.trainable), x)
+  assert dropped_any
+  # Not FedAvg: the plain weighted mean of the same updates is another step.
+  assert fedavg_gap > 1e-3
