@@ -6,7 +6,6 @@ allowed, so a typo costs seconds instead of an hour of a preemptible TPU.
 from __future__ import annotations
 
 import contextlib
-import os
 
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
@@ -125,7 +124,8 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
 
 def _validate_data(config, needs_data: bool):
   d = config.data
-  _one_of(config, 'data.source', sources.SOURCES)
+  _one_of(config, 'data.source', sources.SOURCES.names())
+  source = sources.SOURCES.get(d.source)
   _one_of(config, 'data.partition', partition.METHODS)
   _positive(config, 'data.alpha')
   _check(d.num_classes >= 2, 'data.num_classes', d.num_classes, 'must be >= 2')
@@ -133,34 +133,19 @@ def _validate_data(config, needs_data: bool):
   _check(d.shards_per_client >= 1, 'data.shards_per_client', d.shards_per_client,
          'must be >= 1')
   natural = d.partition == 'natural'
-  _check(not natural or d.source != 'synthetic', 'data.partition', d.partition,
-         "needs data that names each example's client: source='folder' laid out as "
-         "split/client/class/*.jpg, or source='tfds' with data.client_feature; synthetic "
-         'data has no clients')
+  per_client = ', or '.join(s.clients for _, s in sources.SOURCES.items() if s.clients)
+  _check(not natural or source.clients, 'data.partition', d.partition,
+         f"needs data that names each example's client: {per_client}; {d.source} data has "
+         'no clients')
   if d.storage_size is not None:
     _positive(config, 'data.storage_size')
   for key in ('data.num_train_examples', 'data.num_test_examples'):
-    _check(_get(config, key) is not None or d.source != 'synthetic', key, None,
-           "is how many images source='synthetic' makes: set it, e.g. 2048")
     if _get(config, key) is not None:
       _positive(config, key)
-  if not needs_data:
-    return
-  if d.source == 'folder':
-    _check(bool(d.path) and os.path.exists(d.path), 'data.path', d.path,
-           'no such folder or archive: give a directory or .tar.gz laid out as '
-           f'split/{"client/" if natural else ""}class/*.jpg')
-  elif d.source == 'tfds':
-    import tensorflow_datasets as tfds  # Slow to import: only for TFDS runs.
-    try:
-      tfds.builder_cls(d.name)
-    except Exception:  # tfds raises several types for unknown names.
-      raise ConfigError('data.name', d.name, 'is not a TFDS dataset name (e.g. cifar100, '
-                        'resisc45, patch_camelyon; see tfds.list_builders())') from None
-    if natural:  # The dataset's description, not its data.
-      features = tfds.builder(d.name, data_dir=d.data_dir).info.features
-      _explain('data.client_feature', d.client_feature, sources.check_client_feature, d.name,
-               d.client_feature, features)
+  problem = source.check(config, needs_data)  # The keys the source reads, e.g. data.path.
+  if problem:
+    key, allowed = problem
+    raise ConfigError(key, _get(config, key), allowed)
 
 
 def _validate_federation(config):

@@ -5,13 +5,14 @@ import io
 import pathlib
 import tarfile
 import time
+from typing import Callable, NamedTuple
 
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from fedpeft_jax import validation
+from fedpeft_jax import configs, validation
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import build
 from tests.conftest import PCAM, tiny_config
@@ -165,8 +166,9 @@ def test_folder_errors(tmp_path):
 
 
 def test_unknown_source():
-  with pytest.raises(sources.DataError, match="'hf'.*folder.*tfds.*synthetic"):
+  with pytest.raises(sources.DataError, match="'hf'.*folder.*synthetic.*tfds") as e:
     sources.load('hf', split='train')
+  assert e.value.argument == 'source'
 
 
 # Synthetic source.
@@ -601,3 +603,98 @@ def test_synthetic_splits_are_labelled_by_the_training_splits_class_names():
     sources.load('synthetic', split='test', num_classes=5, num_examples=40, image_size=4,
                  class_names=order)
   assert e.value.argument == 'split'
+
+
+# The contract every registered source keeps (issue 20): one test over `SOURCES.names()`,
+# which a new source passes by being registered and given tiny data in `TINY`.
+
+
+class Tiny(NamedTuple):
+  """A source's tiny data: its own `options`, a `train` and a `test` split, what else it
+  needs `given` (a source that makes images: their sizes), and `shown(images, seed)`: the
+  class name each image shows, computed from its pixels."""
+  options: dict
+  train: str
+  test: str
+  given: dict
+  shown: Callable[[np.ndarray, int], list[str]]
+
+
+def _color_names(images, seed):
+  del seed  # Files do not change with it.
+  names = list(COLORS)
+  colors = np.asarray([COLORS[n] for n in names], np.float32)
+  means = images.reshape(len(images), -1, 3).mean(1)
+  return [names[i] for i in ((means[:, None] - colors[None]) ** 2).sum(-1).argmin(1)]
+
+
+def _template_names(images, seed, num_classes=3):
+  """The nearest of the synthetic source's class templates (uniform in [0, 255) from
+  np.random.default_rng(seed), the module docstring's recipe)."""
+  templates = np.random.default_rng(seed).uniform(0, 255, (num_classes,) + images.shape[1:])
+  flat = lambda a: a.reshape(len(a), -1).astype(np.float64)
+  distance = ((flat(images)[:, None] - flat(templates)[None]) ** 2).sum(-1)
+  return [str(k) for k in distance.argmin(1)]
+
+
+TINY = {
+    'folder': lambda tmp_path, request: Tiny(
+        {'path': str(_make_tree(tmp_path))}, 'train', 'test', {}, _color_names),
+    'tfds': lambda tmp_path, request: Tiny(
+        {'name': 'fedpeft_tiny_images', 'data_dir': request.getfixturevalue('tiny_tfds_dir')},
+        'train', 'train[:50%]', {},  # Gray 10 * index, labelled by its parity.
+        lambda images, seed: [('even', 'odd')[int(v) // 10 % 2] for v in images[:, 0, 0, 0]]),
+    'synthetic': lambda tmp_path, request: Tiny(
+        {}, 'train', 'test', {'num_classes': 3, 'num_examples': 24, 'image_size': 8},
+        _template_names),
+}
+
+
+def _assert_labelled(ds, tiny: Tiny, seed: int = 0):
+  """uint8 images [N, H, W, 3], int32 labels [N] into distinct class names, each naming
+  the class its image shows."""
+  assert ds.images.dtype == np.uint8 and ds.images.ndim == 4 and ds.images.shape[-1] == 3
+  assert ds.labels.dtype == np.int32 and ds.labels.shape == (len(ds.images),) and len(ds) > 0
+  assert len(set(ds.class_names)) == ds.num_classes >= 2
+  assert all(isinstance(name, str) for name in ds.class_names)
+  assert 0 <= ds.labels.min() and ds.labels.max() < ds.num_classes
+  assert [ds.class_names[label] for label in ds.labels] == tiny.shown(ds.images, seed)
+
+
+@pytest.mark.parametrize('name', sources.SOURCES.names())
+def test_every_source_keeps_the_contract(name, tmp_path, request):
+  if name not in TINY:
+    pytest.fail(f'data source {name!r} has no tiny data: add it to TINY in this file')
+  tiny, spec = TINY[name](tmp_path, request), sources.SOURCES.get(name)
+  flat = configs.flat_config(configs.base_config())
+  assert spec.summary and set(spec.keys.values()) <= set(flat), spec.keys
+  load = functools.partial(sources.load, name, **tiny.options, **tiny.given)
+  train = load(split=tiny.train)
+  _assert_labelled(train, tiny)
+  # Another split, labelled by the training split's class names in another order.
+  order = train.class_names[::-1]
+  test = load(split=tiny.test, class_names=order)
+  assert test.class_names == order
+  _assert_labelled(test, tiny)
+  with pytest.raises(sources.DataError) as e:
+    load(split=tiny.test, class_names=train.class_names[:-1] + ('no such class',))
+  assert e.value.argument == 'split' and "'no such class'" in str(e.value)
+  # num_examples: how many images a source makes; of read data, a subset the same for every
+  # seed, each example a row of the split with its label.
+  half = [load(split=tiny.train, num_examples=len(train) // 2, seed=seed) for seed in (0, 1)]
+  for seed, ds in enumerate(half):
+    assert len(ds) == len(train) // 2 and ds.class_names == train.class_names
+    _assert_labelled(ds, tiny, seed)
+  if not spec.makes_images:
+    np.testing.assert_array_equal(half[0].images, half[1].images)
+    np.testing.assert_array_equal(half[0].labels, half[1].labels)
+    rows = {(image.tobytes(), int(label)) for image, label in zip(train.images, train.labels)}
+    assert all((image.tobytes(), int(label)) in rows
+               for image, label in zip(half[0].images, half[0].labels))
+    for argument, value in (('num_examples', len(train) + 1),
+                            ('num_classes', train.num_classes + 1)):
+      with pytest.raises(sources.DataError) as e:
+        load(split=tiny.train, **{argument: value})
+      assert e.value.argument == argument
+  with pytest.raises(TypeError, match='no_such_option'):
+    load(split=tiny.train, no_such_option=1)

@@ -75,24 +75,22 @@ def load_data(config, split: str, class_names=None) -> sources.Dataset:
   """One split; every split but the training one takes `class_names`, the training
   split's, so that it is labelled by class name (`sources.load`)."""
   d = config.data
-  synthetic = d.source == 'synthetic'
+  with validation.config_keys(config, source='data.source'):
+    source = sources.SOURCES.get(d.source)
   is_train = split == d.train_split
   num_examples = d.num_train_examples if is_train else d.num_test_examples
-  # Synthetic images are made at the model's size unless told otherwise.
-  image_size = d.storage_size or (config.model.image_size if synthetic else None)
-  keys = dict(source='data.source', name='data.name', path='data.path',
-              data_dir='data.data_dir', num_classes='data.num_classes',
+  # Made images (synthetic) are made at the model's size unless told otherwise.
+  image_size = d.storage_size or (config.model.image_size if source.makes_images else None)
+  keys = dict(source.keys, source='data.source', num_classes='data.num_classes',
               image_size='data.storage_size',
               split='data.train_split' if is_train else 'data.test_split',
               num_examples='data.num_train_examples' if is_train else 'data.num_test_examples',
-              clients='data.partition', client_feature='data.client_feature')
+              clients='data.partition')
   with validation.config_keys(config, **keys), console.phase(f'loading {split!r} data'):
     return sources.load(
-        d.source, name=d.name, path=d.path, split=split, image_size=image_size,
-        data_dir=d.data_dir, download=d.download, num_classes=d.num_classes,
-        num_examples=num_examples, seed=config.seed,
-        clients=d.partition == 'natural', client_feature=d.client_feature,
-        class_names=class_names)
+        d.source, split=split, image_size=image_size, num_classes=d.num_classes,
+        num_examples=num_examples, seed=config.seed, clients=d.partition == 'natural',
+        class_names=class_names, **source.options(config))
 
 
 def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
