@@ -1,5 +1,7 @@
 """Clipping, noise, DP-FedAvg, local DP-SGD and the accountant."""
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -16,11 +18,16 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedpeft_jax import validation
+from fedpeft_jax.data import sources
+from fedpeft_jax.experiment import build
 from fedpeft_jax.federated import aggregators, client as client_lib, fedavg
 from fedpeft_jax.privacy import accounting, mechanisms
-from tests.conftest import REPO, linear_loss_fn, linear_problem, tiny_config
+from tests.conftest import REPO, launch, linear_loss_fn, linear_problem, tiny_config
+from tests.test_launch import _one_error_line
 
-_tree = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=12)
+# No subnormals: XLA on CPU flushes them to zero in any arithmetic (x * 1.0 included).
+_tree = st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32),
+                 min_size=1, max_size=12)
 
 
 @hypothesis.settings(deadline=None, max_examples=60)
@@ -240,7 +247,7 @@ def test_a_client_without_examples_under_sample_level_dp():
       sample_dp=client_lib.SampleDP(clip_norm=1.0, noise_multiplier=1.0))
   state, metrics = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)),
                                             frozen, dataset, table)
-  assert int(metrics.num_reported) == 3
+  assert int(metrics.num_reported) == 2  # The empty client has no update to report.
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.trainable))
   # It has no examples to protect: the guarantee is that of the others.
   spec = lambda sizes: accounting.PrivacySpec(mode='sample', noise_multiplier=1.0, delta=1e-5,
@@ -321,14 +328,127 @@ def test_bad_privacy_settings_fail_at_validation(key, value, needle):
 
 
 @pytest.mark.parametrize('partition', ['dirichlet', 'quantity'])
-def test_delta_above_one_over_the_smallest_client_fails_at_validation(partition):
+def test_sample_level_delta_is_checked_against_all_training_examples_at_validation(partition):
+  """An individual is an example: 1 / data.min_client_size (the smallest client, the weakest
+  bound) let deltas through that one over the training set's examples does not."""
   config = tiny_config('bias,dp=sample')
   config.data.partition, config.data.min_client_size = partition, 10
-  config.dp.delta = 0.1
-  with pytest.raises(validation.ConfigError, match=r'dp\.delta=0\.1: must be below 1/10'):
+  total = config.data.num_train_examples  # 256 synthetic images, every one on a client.
+  config.dp.delta = 0.09  # Below 1/10, above 1/256.
+  with pytest.raises(validation.ConfigError,
+                     match=rf'dp\.delta=0\.09: must be below 1/{total} .*training example'):
     validation.validate(config)
-  config.dp.delta = 0.09
+  config.dp.delta = 0.99 / total
   validation.validate(config)
+  # Without data.num_train_examples (real data), each of fl.num_clients clients holds at
+  # least data.min_client_size: a lower bound on the examples, known at launch.
+  config.data.source, config.data.num_train_examples = 'folder', None
+  floor = config.fl.num_clients * config.data.min_client_size
+  config.dp.delta = 1.0 / floor
+  with pytest.raises(validation.ConfigError, match=rf'must be below 1/{floor} .*at least'):
+    validation.validate(config, needs_data=False)
+  config.dp.delta = 0.99 / floor
+  validation.validate(config, needs_data=False)
+
+
+def test_sample_level_delta_is_checked_against_all_clients_examples_once_loaded():
+  config = tiny_config('bias,dp=sample')
+  sizes = (5, 100)
+  config.dp.delta = 0.05  # Below 1/5, the smallest client's bound; above 1/105.
+  with pytest.raises(validation.ConfigError,
+                     match=rf'^--config\.dp\.delta=0\.05: .*below 1/{sum(sizes)} '):
+    build.privacy_spec(config, sizes)
+  config.dp.delta = 0.99 / sum(sizes)
+  assert build.privacy_spec(config, sizes).delta == config.dp.delta
+
+
+_NAN, _INF = math.nan, math.inf
+
+
+# (dp.mode, key, value, what the one line says). Every dp.* number a run uses.
+@pytest.mark.parametrize('mode,key,value,needle', [
+    *[(mode, 'dp.clip_norm', v, 'must be > 0 and finite') for mode in ('client', 'sample')
+      for v in (0.0, -1.0, _NAN, _INF)],
+    *[(mode, 'dp.noise_multiplier', v, 'must be >= 0 and finite') for mode in ('client', 'sample')
+      for v in (-1.0, _NAN, _INF)],
+    *[(mode, 'dp.delta', v, 'must be in (0, 1)') for mode in ('client', 'sample')
+      for v in (0.0, -1e-5, 1.0, 1.5, _NAN)],
+    *[(mode, 'dp.target_epsilon', v, 'must be > 0 and finite') for mode in ('client', 'sample')
+      for v in (0.0, -1.0, _NAN, _INF)],
+    *[('adaptive', 'dp.target_quantile', v, 'must be in (0, 1)') for v in (0.0, 1.0, -0.5, _NAN)],
+    *[('adaptive', 'dp.clip_lr', v, 'must be > 0 and finite') for v in (0.0, -0.2, _NAN, _INF)],
+    *[('adaptive', 'dp.clipped_count_stddev', v, 'must be > 0 and finite')
+      for v in (0.0, -0.5, _NAN, _INF)],
+])
+def test_every_invalid_dp_number_is_one_line_at_validation(mode, key, value, needle):
+  config = tiny_config(f'bias,dp={"sample" if mode == "sample" else "client"}')
+  config.dp.adaptive_clip = mode == 'adaptive'
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate(config)
+  message = str(e.value)
+  assert message.startswith(f'--config.{key}={value!r}: ') and needle in message, message
+  assert '\n' not in message
+
+
+def test_a_zero_clipped_count_stddev_is_one_line_at_launch_not_a_traceback(tmp_path):
+  result = launch(tmp_path, '--config.dp.adaptive_clip=True',
+                  '--config.dp.clipped_count_stddev=0', '--mode=privacy',
+                  config='experiments/synthetic_tiny.py:bias,dp=client')
+  _one_error_line(result, '--config.dp.clipped_count_stddev=0.0: must be > 0 and finite')
+
+
+def _adaptive_resume_config(rounds):
+  """Every client every round (rate 1 keeps calibration quick), adaptive clipping under a
+  target epsilon."""
+  config = tiny_config('bias,dp=client')
+  config.fl.clients_per_round, config.fl.rounds = config.fl.num_clients, rounds
+  config.dp.adaptive_clip, config.dp.target_epsilon = True, 8.0
+  return config
+
+
+def test_a_grown_resume_with_adaptive_clipping_is_checked_against_the_remaining_calibration():
+  """Validation calibrates fl.rounds from scratch; a resume that grows a finished run
+  calibrates the rounds left after its ledger, which need far more noise: a count noise that
+  leaves the fresh calibration a share may leave the remaining one none. That is one line
+  naming the keys and the way out, not a traceback naming no key once the data is loaded."""
+  first = _adaptive_resume_config(3)
+  first.dp.clipped_count_stddev = 5.0
+  spec = build.privacy_spec(first)
+  ledger = [accounting.round_record(spec)] * 3  # The finished 3-round run...
+  grown = _adaptive_resume_config(4)  # ... resumed with 4 rounds.
+  grown.dp.clipped_count_stddev = 5.0
+  fresh = accounting.calibrate_noise(dataclasses.replace(spec, rounds=4), 8.0)
+  assert fresh < 2 * 5.0
+  validation.validate(grown)  # Passes: the fresh calibration leaves the updates a share.
+  with pytest.raises(validation.ConfigError) as e:
+    build.privacy_spec(grown, ledger=ledger, calibrated_for_rounds=3,
+                       noise_multiplier=spec.noise_multiplier)
+  message = str(e.value)
+  assert message.startswith('--config.fl.rounds=4: ') and '\n' not in message, message
+  assert "the 1 round left after the checkpoint's 3 needs noise multiplier" in message
+  assert 'dp.clipped_count_stddev=5 must exceed half' in message
+  assert 'keep fl.rounds at 3, or start a new --workdir' in message  # Its own 3 rounds work.
+  # The aggregator built from such a noise names its key too, should anything reach it.
+  too_noisy = dataclasses.replace(spec, noise_multiplier=11.0)
+  with pytest.raises(validation.ConfigError, match=r'^--config\.dp\.clipped_count_stddev='):
+    build.build_algorithm(grown, None, 8, too_noisy, linear_loss_fn)
+
+
+def test_the_largest_resumable_rounds_is_the_last_whose_remaining_noise_splits(monkeypatch):
+  """The bisection for 'grow fl.rounds to at most R', on a stand-in calibration whose noise
+  grows with the rounds left; R found by trying every fl.rounds in turn."""
+  remaining_noise = lambda remaining: 1.0 + 0.1 * remaining
+  monkeypatch.setattr(accounting, 'calibrate_remaining',
+                      lambda ledger, spec, target, remaining: remaining_noise(remaining))
+  config = _adaptive_resume_config(40)
+  config.dp.clipped_count_stddev = 1.23  # The split needs a noise below 2.46.
+  done, calibrated_for = 2, 5
+  expected = max(r for r in range(calibrated_for, 41) if remaining_noise(r - done) < 2.46)
+  with pytest.raises(validation.ConfigError, match=rf'grow fl\.rounds to at most {expected},'):
+    validation.check_remaining_adaptive_noise(config, None, [{}] * done, calibrated_for,
+                                              remaining_noise(40 - done))
 
 
 def test_adaptive_clipping_with_a_target_epsilon_is_checked_at_validation():
@@ -349,3 +469,95 @@ def test_unreachable_target_epsilon_exits_with_one_line(tmp_path):
       cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 2
   assert 'cannot be reached' in result.stderr and 'Traceback' not in result.stderr
+
+
+def _partition_config(mode):
+  config = tiny_config('bias' if mode == 'none' else f'bias,dp={mode}')
+  config.data.partition, config.fl.num_clients = 'natural', 3
+  return config
+
+
+def _natural_data():
+  """6 examples of 2 classes on 3 named clients, and their natural partition."""
+  labels = np.array([0, 1, 1, 0, 0, 1], np.int32)
+  ids = np.array(['carol', 'alice', 'carol', 'bob', 'alice', 'carol'])
+  data = sources.Dataset(np.zeros((6, 2, 2, 3), np.uint8), labels, ('cat', 'dog'), ids)
+  return data, [np.array([1, 4]), np.array([3]), np.array([0, 2, 5])]
+
+
+@pytest.mark.parametrize('mode', ['client', 'sample'])
+def test_under_dp_partition_json_holds_no_per_client_data(mode):
+  data, parts = _natural_data()
+  described = build.describe_partition(_partition_config(mode), data, parts)
+  assert described == {'method': 'natural', 'args': {}, 'class_names': ['cat', 'dog'],
+                       'num_clients': 3}
+  text = json.dumps(described)
+  assert not any(name in text for name in ('alice', 'bob', 'carol', 'size', 'histogram'))
+  # Without DP, every client's size, histogram and id (as before).
+  clients = build.describe_partition(_partition_config('none'), data, parts)['clients']
+  assert clients == [{'size': 2, 'label_histogram': [1, 1], 'id': 'alice'},
+                     {'size': 1, 'label_histogram': [1, 0], 'id': 'bob'},
+                     {'size': 3, 'label_histogram': [1, 2], 'id': 'carol'}]
+
+
+def test_under_dp_the_start_line_does_not_print_the_client_sizes(capsys):
+  config = tiny_config('bias,dp=sample')
+  config.data.partition = 'quantity'  # Clients of different sizes.
+  experiment = build.build(config)
+  line = next(l for l in capsys.readouterr().out.splitlines() if 'trainable of' in l)
+  assert line.endswith('; 8 clients'), line
+  assert 'clients' not in experiment.partition
+  assert experiment.partition['num_clients'] == 8
+  assert experiment.privacy.client_sizes == tuple(experiment.client_sizes)
+
+
+def _dropout_steps(arg, sampling, seeds, dropout_prob=0.5):
+  """One round from the same model for each seed, built as training builds it, on 64
+  linear-problem clients (32 a round) whose labels share a learnable signal: the flat
+  step of every round and how many clients reported. DP: no noise, no clipping."""
+  config = tiny_config(arg)
+  config.fl.num_clients, config.fl.clients_per_round = 64, 32
+  config.fl.dropout_prob, config.fl.batch_size, config.optim.lr = dropout_prob, 4, 0.1
+  config.dp.sampling, config.dp.clip_norm, config.dp.noise_multiplier = sampling, 1e6, 0.0
+  if config.dp.mode == 'none':
+    config.fl.aggregation = 'uniform'
+  sizes = tuple(int(n) for n in np.random.default_rng(3).integers(2, 20, 64))
+  dataset, parts, trainable, frozen = linear_problem(sizes)
+  signal = jnp.asarray(np.random.default_rng(5).normal(size=(6, 3)), jnp.float32)
+  dataset['y'] = jnp.argmax(dataset['x'] @ frozen['proj'] @ signal, -1).astype(jnp.int32)
+  table = fedavg.ClientTable.from_partition(parts)
+  algorithm = build.build_algorithm(config, None, table.max_examples,
+                                    build.privacy_spec(config), linear_loss_fn)
+  apply = jax.jit(algorithm.apply)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  steps, reported = [], []
+  for seed in seeds:
+    state, metrics = apply(algorithm.init(trainable, jax.random.key(seed)), frozen, dataset,
+                           table)
+    steps.append(flat(state.trainable) - flat(trainable))
+    reported.append(int(metrics.num_reported))
+  return np.array(steps), np.array(reported)
+
+
+def test_under_dropout_the_dp_step_is_the_survivors_mean_in_expectation():
+  """DP-FedAvg divides the sum by the expected number of reporters m (1 - p), not by m:
+  with no noise and no clipping, each round's step is the non-DP uniform mean of the
+  survivors times realised / expected survivors, and over many rounds the steps match in
+  size (dividing by m would make them half as large at p = 0.5)."""
+  seeds = range(200)
+  plain, plain_reported = _dropout_steps('bias', 'fixed', seeds)
+  private, reported = _dropout_steps('bias,dp=client', 'fixed', seeds)
+  assert (reported == plain_reported).all() and len(set(reported)) > 3
+  expected_survivors = 32 * (1 - 0.5)
+  np.testing.assert_allclose(private, plain * (reported / expected_survivors)[:, None],
+                             rtol=1e-4, atol=1e-7)
+  magnitude = lambda steps: np.linalg.norm(steps, axis=1).mean()
+  assert magnitude(private) / magnitude(plain) == pytest.approx(1.0, abs=0.05)
+  # Poisson sampling: the expected cohort is m too, each surviving with 1 - p.
+  poisson, poisson_reported = _dropout_steps('bias,dp=client', 'poisson', seeds)
+  assert len(set(poisson_reported)) > 3
+  assert magnitude(poisson) / magnitude(plain) == pytest.approx(1.0, abs=0.05)
+  direction = plain.mean(0) / np.linalg.norm(plain.mean(0))
+  for steps in (private, poisson):  # The mean step along the mean direction, too.
+    assert (steps @ direction).mean() / (plain @ direction).mean() == pytest.approx(1.0,
+                                                                                   abs=0.05)

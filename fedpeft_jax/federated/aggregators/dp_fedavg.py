@@ -1,63 +1,21 @@
-"""How the server turns client updates into one update: small, composable pieces.
-
-An aggregator maps each client's delta to a contribution and a weight
-(vmapped, inside the round), and the sums of those to the mean update
-(`finalize`). Keeping the per-client part separate lets the round scan over
-client chunks holding only running sums, never every client's update.
-"""
+"""Client-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping (Andrew et
+al. 2021): every update clipped, the sum noised, divided by a public expected count."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from fedpeft_jax.federated.aggregators import AGGREGATORS
+from fedpeft_jax.federated.aggregators.base import Aggregate, Aggregator, AggregatorSpec
 from fedpeft_jax.privacy import mechanisms
 
-PyTree = Any
 
-
-class Contribution(NamedTuple):
-  delta: PyTree
-  weight: jax.Array
+class DPContribution(NamedTuple):
+  delta: Any  # The clipped update.
+  weight: jax.Array  # 1: uniform, so one client moves the sum by at most the clip norm.
   unclipped: jax.Array  # 1.0 where the update was within the clip norm.
-
-
-class Aggregate(NamedTuple):
-  mean_delta: PyTree
-  state: PyTree
-  metrics: dict
-  # False: nothing to apply, the server keeps its model and optimizer state as they were.
-  released: jax.Array
-
-
-class Aggregator(NamedTuple):
-  init: Callable[[], PyTree]
-  # (delta, num_examples, state) -> Contribution, for one client.
-  contribute: Callable[[PyTree, jax.Array, PyTree], Contribution]
-  # (sum of Contributions, number of contributors, state, rng) -> Aggregate.
-  finalize: Callable[[Contribution, jax.Array, PyTree, jax.Array], Aggregate]
-
-
-def _safe_mean(tree, total):
-  return jax.tree.map(lambda x: x / jnp.maximum(total, 1e-12), tree)
-
-
-def weighted_mean(by_examples: bool = True) -> Aggregator:
-  """FedAvg: the mean of the deltas weighted by example count (or uniformly)."""
-
-  def contribute(delta, num_examples, state):
-    weight = num_examples.astype(jnp.float32) if by_examples else jnp.ones((), jnp.float32)
-    return Contribution(jax.tree.map(lambda d: weight * d, delta), weight,
-                        jnp.ones((), jnp.float32))
-
-  def finalize(total, count, state, rng):
-    # Nothing to apply unless some weight was aggregated: a round of only zero-weight
-    # updates leaves the model and the server optimizer's state as they were.
-    released = (count > 0) & (total.weight > 0)
-    return Aggregate(_safe_mean(total.delta, total.weight), state, {}, released)
-
-  return Aggregator(lambda: (), contribute, finalize)
 
 
 class ClipState(NamedTuple):
@@ -90,7 +48,7 @@ def dp_fedavg(*, clip_norm: float, noise_multiplier: float, expected_clients: fl
 
   def contribute(delta, num_examples, state):
     clipped, norm = mechanisms.clip(delta, state.clip_norm)
-    return Contribution(clipped, jnp.ones((), jnp.float32),
+    return DPContribution(clipped, jnp.ones((), jnp.float32),
                         (norm <= state.clip_norm).astype(jnp.float32))
 
   def finalize(total, count, state, rng):
@@ -111,3 +69,34 @@ def dp_fedavg(*, clip_norm: float, noise_multiplier: float, expected_clients: fl
 
   return Aggregator(lambda: ClipState(jnp.asarray(clip_norm, jnp.float32)), contribute,
                     finalize)
+
+
+def expected_reporters(config) -> float:
+  """The expected number of clients that report a round: fl.clients_per_round sampled (the
+  expected cohort under Poisson sampling too), each dropping out with fl.dropout_prob.
+
+  DP-FedAvg divides its noised sum by this, so the mean step is the survivors' mean in
+  expectation (dividing by fl.clients_per_round would shrink every update by
+  1 - fl.dropout_prob). It is computed from public config values only: no privacy cost.
+  """
+  return config.fl.clients_per_round * (1.0 - config.fl.dropout_prob)
+
+
+def clipped_count_stddev(config) -> float:
+  """`dp.clipped_count_stddev`, or Andrew et al.'s default: the expected clients / 20."""
+  if config.dp.clipped_count_stddev is not None:
+    return config.dp.clipped_count_stddev
+  return config.fl.clients_per_round / 20
+
+
+def _arguments(config, privacy) -> dict:
+  dp = config.dp
+  return dict(clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
+              expected_clients=expected_reporters(config), adaptive=dp.adaptive_clip,
+              target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
+              clipped_count_stddev=clipped_count_stddev(config))
+
+
+AGGREGATORS.register('dp_fedavg', AggregatorSpec(
+    make=dp_fedavg, arguments=_arguments, dp_modes=('client',),
+    summary='clipped, noised sum over the expected reporters (client-level DP)'))
