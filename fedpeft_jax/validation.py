@@ -6,6 +6,7 @@ allowed, so a typo costs seconds instead of an hour of a preemptible TPU.
 from __future__ import annotations
 
 import contextlib
+import math
 
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
@@ -177,17 +178,27 @@ def _validate_federation(config):
          'must be >= 0')
 
 
+def _positive_finite(config, *keys, allowed: str = 'must be > 0 and finite'):
+  for key in keys:
+    value = _get(config, key)
+    _check(isinstance(value, (int, float)) and 0 < value < math.inf, key, value, allowed)
+
+
 def _validate_privacy(config):
+  """Every dp.* number the run uses is a finite value in its range: 0, a negative, NaN or inf
+  would otherwise surface as a traceback in calibration or after rounds have run."""
   dp = config.dp
   _one_of(config, 'dp.mode', configs.DP_MODES)
   if dp.mode == 'none':
     return
-  _positive(config, 'dp.clip_norm')
-  _check(dp.noise_multiplier >= 0, 'dp.noise_multiplier', dp.noise_multiplier, 'must be >= 0')
-  _check(0 < dp.delta < 1, 'dp.delta', dp.delta, 'must be in (0, 1)')
+  _positive_finite(config, 'dp.clip_norm')
+  _check(isinstance(dp.noise_multiplier, (int, float)) and 0 <= dp.noise_multiplier < math.inf,
+         'dp.noise_multiplier', dp.noise_multiplier, 'must be >= 0 and finite (0: no noise)')
+  _check(isinstance(dp.delta, (int, float)) and 0 < dp.delta < 1, 'dp.delta', dp.delta,
+         'must be in (0, 1)')
   _one_of(config, 'dp.accountant', accounting.ACCOUNTANTS)
   if dp.target_epsilon is not None:
-    _positive(config, 'dp.target_epsilon')
+    _positive_finite(config, 'dp.target_epsilon')
   if dp.mode == 'client':
     _one_of(config, 'dp.sampling', fedavg.SAMPLINGS)
     _check(aggregation(config) == 'uniform', 'fl.aggregation', config.fl.aggregation,
@@ -195,25 +206,44 @@ def _validate_privacy(config):
            'lets one client move the average by more than its clip norm')
     _explain('dp.delta', dp.delta, accounting.check_delta, _client_spec(config))
     if dp.adaptive_clip:
-      _check(0 < dp.target_quantile < 1, 'dp.target_quantile', dp.target_quantile,
-             'must be in (0, 1)')
-      _positive(config, 'dp.clip_lr')
+      _check(isinstance(dp.target_quantile, (int, float)) and 0 < dp.target_quantile < 1,
+             'dp.target_quantile', dp.target_quantile, 'must be in (0, 1)')
+      _positive_finite(config, 'dp.clip_lr')
+      if dp.clipped_count_stddev is not None:
+        _positive_finite(config, 'dp.clipped_count_stddev', allowed=(
+            'must be > 0 and finite: the stddev of the noise on the count of unclipped '
+            'clients (None: fl.clients_per_round / 20)'))
   else:
     _check(not dp.adaptive_clip, 'dp.adaptive_clip', dp.adaptive_clip,
            "adaptive clipping is for dp.mode='client' only")
-    # Client sizes are known once the data is loaded; a Dirichlet or quantity split's floor
-    # is known now.
-    smallest = (config.data.min_client_size
-                if config.data.partition in ('dirichlet', 'quantity') else 0)
-    _check(dp.delta * smallest < 1, 'dp.delta', dp.delta,
-           f'must be below 1/{smallest} (1/data.min_client_size): a client may hold that few '
-           'examples, and at delta >= 1/n, publishing one of its n examples drawn at random '
-           'meets the guarantee')
+    _validate_sample_delta(config)
   _explain('dp.accountant', dp.accountant, accounting.accountant_name, accounting.PrivacySpec(
       mode=dp.mode, noise_multiplier=dp.noise_multiplier, delta=dp.delta, rounds=1,
       accountant=dp.accountant, sampling=dp.sampling))
   if dp.mode == 'client' and dp.adaptive_clip:
     _validate_adaptive_noise(config)
+
+
+def _validate_sample_delta(config):
+  """At sample level an individual is a training example: delta must be below one over all
+  clients' examples together (`accounting.check_delta`, once the data is loaded). What is
+  known now: data.num_train_examples, and a Dirichlet or quantity split's floor of
+  data.min_client_size examples for each of fl.num_clients clients."""
+  d, fl = config.data, config.fl
+  known = []
+  if d.num_train_examples is not None:  # Every partition method places every example.
+    known.append((d.num_train_examples, '', 'data.num_train_examples'))
+  if d.partition in ('dirichlet', 'quantity'):
+    known.append((fl.num_clients * d.min_client_size, 'at least ',
+                  'fl.num_clients x data.min_client_size'))
+  if not known:
+    return
+  total, at_least, source = max(known)
+  _check(config.dp.delta * total < 1, 'dp.delta', config.dp.delta,
+         f'must be below 1/{total} = {1 / total:.3g}: under dp.mode=\'sample\' an individual '
+         f'is a training example, and the clients hold {at_least}{total} ({source}); at '
+         'delta >= 1/n, publishing one example drawn at random meets the guarantee; lower '
+         'dp.delta')
 
 
 def _client_spec(config) -> accounting.PrivacySpec:
@@ -227,7 +257,9 @@ def _client_spec(config) -> accounting.PrivacySpec:
 def _validate_adaptive_noise(config):
   """The clip count's noise must leave the update a share of the noise multiplier,
   the configured one or the one calibrated to dp.target_epsilon: at client level
-  calibration needs no data, so an impossible split fails here, not in training."""
+  calibration needs no data, so an impossible split fails here, not in training.
+  A resume that grows fl.rounds calibrates the remaining rounds instead, once the
+  checkpoint's ledger is read: `check_remaining_adaptive_noise`."""
   dp = config.dp
   noise_multiplier, source = dp.noise_multiplier, 'set by dp.noise_multiplier'
   if dp.target_epsilon is not None:
@@ -242,6 +274,50 @@ def _validate_adaptive_noise(config):
     except errors.UserError as e:
       raise ConfigError('dp.clipped_count_stddev', stddev,
                         f'{e}; noise_multiplier is {source}') from None
+
+
+def _adaptive_split_ok(config, noise_multiplier: float) -> bool:
+  try:
+    mechanisms.adaptive_delta_noise_multiplier(noise_multiplier, clipped_count_stddev(config))
+  except errors.UserError:
+    return False
+  return True
+
+
+def check_remaining_adaptive_noise(config, spec: accounting.PrivacySpec, ledger,
+                                   calibrated_for_rounds: int | None,
+                                   noise_multiplier: float) -> None:
+  """A resume under dp.target_epsilon that grows fl.rounds calibrates the remaining rounds
+  (`accounting.calibrate_remaining`) to `noise_multiplier`, more than the checkpoint's run
+  used: raises ConfigError (naming fl.rounds and dp.clipped_count_stddev) if adaptive
+  clipping's count noise leaves the updates no share of it, with the largest fl.rounds that
+  still works (a bisection over calibrations: on this error path only)."""
+  dp = config.dp
+  if not (dp.mode == 'client' and dp.adaptive_clip) or _adaptive_split_ok(config,
+                                                                          noise_multiplier):
+    return
+  done = len(ledger)
+  works = max(calibrated_for_rounds or done, done)  # The checkpoint's own noise worked.
+  fails = config.fl.rounds
+  while fails - works > 1:
+    middle = (works + fails) // 2
+    try:
+      ok = _adaptive_split_ok(config, accounting.calibrate_remaining(
+          ledger, spec, dp.target_epsilon, middle - done))
+    except errors.UserError:  # The target cannot be reached over that many rounds.
+      ok = False
+    works, fails = (middle, fails) if ok else (works, middle)
+  stddev, left = clipped_count_stddev(config), config.fl.rounds - done
+  raise ConfigError(
+      'fl.rounds', config.fl.rounds,
+      f'under dp.target_epsilon={dp.target_epsilon}, the {left} round{"s" * (left != 1)} left '
+      f"after the checkpoint's {done} need{'s' * (left == 1)} noise multiplier "
+      f"{noise_multiplier:.4g}, and adaptive clipping's count noise "
+      f'dp.clipped_count_stddev={stddev:g} must exceed half of it ({noise_multiplier / 2:.4g}) '
+      'to leave the updates any: '
+      + (f'keep fl.rounds at {done}' if works == done else f'grow fl.rounds to at most {works}')
+      + f', or start a new --workdir with --config.dp.clipped_count_stddev above '
+      f'{noise_multiplier / 2:.4g}')
 
 
 def _explain(key: str, value, check, *args):

@@ -147,14 +147,23 @@ def test_a_ledger_cannot_mix_relations():
     accounting.ledger_epsilon([record('poisson'), record('fixed')], 1e-5)
 
 
-def test_delta_must_be_below_one_over_the_smallest_population():
-  sample = accounting.PrivacySpec(mode='sample', noise_multiplier=1.0, delta=0.2, rounds=1,
-                                  client_sizes=(40, 5, 0), batch_size=4, local_epochs=1)
+def test_delta_must_be_below_one_over_the_individuals_protected():
+  """At sample level an individual is an example: delta < 1 / (all clients' examples), not
+  1 / (the smallest client's), which a delta of 0.05 with clients of 5 and 40 would pass."""
+  sizes = (40, 5, 0, 40)
+  total = sum(sizes)  # 85: every example of every client.
+  sample = accounting.PrivacySpec(mode='sample', noise_multiplier=1.0, delta=0.05, rounds=1,
+                                  client_sizes=sizes, batch_size=4, local_epochs=1)
+  assert sample.delta * min(n for n in sizes if n) < 1  # The old, weakest bound passed it.
   for check in (accounting.check_delta, accounting.epsilon):
-    with pytest.raises(errors.UserError, match=r'below 1/5 ') as e:
+    with pytest.raises(errors.UserError, match=rf'below 1/{total} .*training examples') as e:
       check(sample)
     assert e.value.argument == 'delta'
-  accounting.check_delta(dataclasses.replace(sample, delta=0.19))
+  accounting.check_delta(dataclasses.replace(sample, delta=0.99 / total))
+  # A ledger holds each client size once: it checks against their sum, a lower bound.
+  ledger = [accounting.round_record(sample)]
+  with pytest.raises(errors.UserError, match=r'below 1/45 .*\(at least\)'):
+    accounting.ledger_epsilon(ledger, 1 / 45)
   client = accounting.PrivacySpec(mode='client', noise_multiplier=1.0, delta=0.1, rounds=1,
                                   num_clients=10, clients_per_round=2)
   with pytest.raises(errors.UserError, match=r'below 1/10 .*number of clients'):

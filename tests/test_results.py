@@ -179,6 +179,23 @@ def test_the_partitions_are_drawn_once_each_and_runs_without_one_are_left_out(sw
   assert not (sweep_root / 'partition.png').exists()  # Stale: its runs have none now.
 
 
+def test_dp_runs_partitions_without_per_client_data_are_left_out_of_the_figure(sweep_root):
+  """Under DP partition.json holds no client sizes or histograms: the report still
+  runs, draws only the partitions that have them, and no figure if none has."""
+  dp_partition = {key: value for key, value in _partition(0, [40, 12, 30]).items()
+                  if key != 'clients'} | {'num_clients': 3}
+  for run in ('bias+lora_dp=client_seed0', 'nested/deeper/bias+lora_dp=client_seed1'):
+    (sweep_root / run / 'partition.json').write_text(json.dumps(dp_partition))
+  results.write_report(str(sweep_root))
+  assert not (sweep_root / 'partition.png').exists()
+  assert 'partition.png' not in (sweep_root / 'report.md').read_text()
+  (sweep_root / 'bias_seed0' / 'partition.json').write_text(json.dumps(_partition(0, [9, 8])))
+  results.write_report(str(sweep_root))
+  data = (sweep_root / 'partition.png').read_bytes()
+  # One row: the one partition with clients (3 inches at 100 dpi, 1 inch of margins).
+  assert PIL.Image.open(io.BytesIO(data)).size == (1400, 100 * (1 + 3 * 1))
+
+
 def test_a_single_seed_has_no_std(tmp_path):
   _write_run(tmp_path / 'run', _config('bias', 0), _records('bias', 0))
   row = results.write_report(str(tmp_path))['method=bias']

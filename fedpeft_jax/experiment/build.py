@@ -115,9 +115,18 @@ PARTITION_KEYS = {'iid': ('seed',), 'dirichlet': ('seed', 'data.alpha', 'data.mi
 def describe_partition(config, train_set: sources.Dataset,
                        client_indices: list[np.ndarray]) -> dict:
   """What `partition.json` records: the method, the config keys it depends on, the class
-  names, and each client's size and label histogram (and, for natural, its id in the data)."""
+  names, and each client's size and label histogram (and, for natural, its id in the data).
+
+  Under DP (`dp.mode` 'client' or 'sample') the per-client part is left out and only
+  `num_clients` is recorded: sizes, histograms and ids are computed from the clients' data
+  without noise, outside what epsilon covers.
+  """
   method = config.data.partition
   flat = configs.flat_config(config)
+  described = {'method': method, 'args': {key: flat[key] for key in PARTITION_KEYS[method]},
+               'class_names': list(train_set.class_names)}
+  if config.dp.mode != 'none':
+    return {**described, 'num_clients': len(client_indices)}
   histograms = partition_lib.label_histograms(train_set.labels, client_indices,
                                               train_set.num_classes)
   clients = [{'size': len(ids), 'label_histogram': counts.tolist()}
@@ -125,8 +134,7 @@ def describe_partition(config, train_set: sources.Dataset,
   if method == 'natural':
     for client, name in zip(clients, partition_lib.client_names(train_set.client_ids).tolist()):
       client['id'] = name
-  return {'method': method, 'args': {key: flat[key] for key in PARTITION_KEYS[method]},
-          'class_names': list(train_set.class_names), 'clients': clients}
+  return {**described, 'clients': clients}
 
 
 def make_loss_fn(model, image_size: int):
@@ -194,7 +202,11 @@ def privacy_spec(config, client_sizes=(), ledger=None,
   A resumed run passes the ledger of the rounds it ran and the noise they used:
   with `fl.rounds` unchanged the noise stays exactly as it was; grown under a
   target epsilon, only the remaining rounds' noise is calibrated, so the whole
-  ledger meets the target.
+  ledger meets the target (and, with adaptive clipping, must leave the updates a
+  share of it: a ConfigError naming fl.rounds otherwise).
+
+  Raises ConfigError naming `dp.delta` unless it is below one over the clients (client
+  level) or over all `client_sizes` together (sample level): `accounting.check_delta`.
   """
   dp, fl = config.dp, config.fl
   if dp.mode == 'none':
@@ -213,6 +225,7 @@ def privacy_spec(config, client_sizes=(), ledger=None,
       z = noise_multiplier
     elif ledger:
       z = accounting.calibrate_remaining(ledger, spec, dp.target_epsilon, fl.rounds - len(ledger))
+      validation.check_remaining_adaptive_noise(config, spec, ledger, calibrated_for_rounds, z)
     else:
       z = accounting.calibrate_noise(spec, dp.target_epsilon)
   return dataclasses.replace(spec, noise_multiplier=z)
@@ -240,6 +253,17 @@ def replicate_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
   return lambda tree: jax.tree.map(place, tree)
 
 
+def expected_reporters(config) -> float:
+  """The expected number of clients that report a round: fl.clients_per_round sampled (the
+  expected cohort under Poisson sampling too), each dropping out with fl.dropout_prob.
+
+  DP-FedAvg divides its noised sum by this, so the mean step is the survivors' mean in
+  expectation (dividing by fl.clients_per_round would shrink every update by
+  1 - fl.dropout_prob). It is computed from public config values only: no privacy cost.
+  """
+  return config.fl.clients_per_round * (1.0 - config.fl.dropout_prob)
+
+
 def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
                     loss_fn=None, client_chunk: int | None = None) -> fedavg.FederatedAlgorithm:
   fl, o, dp = config.fl, config.optim, config.dp
@@ -248,11 +272,12 @@ def build_algorithm(config, model, max_examples: int, privacy: accounting.Privac
   sample_dp, sampling = None, 'fixed'
   if dp.mode == 'client':
     sampling = dp.sampling
-    aggregator = aggregators.dp_fedavg(
-        clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
-        expected_clients=fl.clients_per_round, adaptive=dp.adaptive_clip,
-        target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
-        clipped_count_stddev=validation.clipped_count_stddev(config))
+    with validation.config_keys(config, clipped_count_stddev='dp.clipped_count_stddev'):
+      aggregator = aggregators.dp_fedavg(
+          clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
+          expected_clients=expected_reporters(config), adaptive=dp.adaptive_clip,
+          target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
+          clipped_count_stddev=validation.clipped_count_stddev(config))
   elif dp.mode == 'sample':
     sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
   # Option II reads the average gradient off the update as (x - y) / (K * lr), for plain
@@ -335,11 +360,15 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
   noise of the remaining rounds is what the ledger allows.
   """
   init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
+  privacy = None
+  if config.dp.mode == 'client':  # Needs no data: a noise it cannot use fails before loading.
+    privacy = privacy_spec(config, **(privacy_state or {}))
   train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split, class_names=train_set.class_names)
   client_sizes = [len(ids) for ids in client_indices]
   partition = describe_partition(config, train_set, client_indices)
-  privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
+  if config.dp.mode == 'sample':  # Its guarantee depends on every client's size.
+    privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
   table = fedavg.ClientTable.from_partition(client_indices)
   dataset = {'image': train_set.images, 'label': train_set.labels}
 
@@ -351,9 +380,12 @@ def build(config, privacy_state: dict | None = None) -> Experiment:
       config.peft.method, params, freeze_lora_a=config.peft.lora_freeze_a))
   del params  # The frozen tree is the only copy of the backbone.
   num_trainable = peft.count(trainable)
+  # Under DP the client sizes are not printed: they are data that epsilon does not cover.
+  sizes = ('' if config.dp.mode != 'none' else
+           f' of {min(client_sizes)}..{table.max_examples} examples')
   console.say(f'{config.peft.method}: {num_trainable:,} trainable of '
               f'{num_trainable + peft.count(frozen):,} parameters; {table.num_clients} '
-              f'clients of {min(client_sizes)}..{table.max_examples} examples')
+              f'clients{sizes}')
   if config.fl.algorithm == 'scaffold':  # The one per-client state: say what it costs.
     table_bytes = table.num_clients * sum(x.nbytes for x in jax.tree.leaves(trainable))
     console.say(f'SCAFFOLD keeps a control variate per client: {table.num_clients} x '

@@ -396,7 +396,9 @@ def write_report(root: str, target_accuracy: float | None = None) -> dict:
   elif os.path.exists(epsilon_path):
     os.remove(epsilon_path)  # Stale: from DP runs no longer here.
   partition_path = os.path.join(root, PARTITION_FIGURE)
-  described = [run for run in runs if run.partition is not None]  # Older runs have none.
+  # Older runs have no partition.json; DP runs write one without per-client sizes and
+  # histograms (they are outside what epsilon covers): neither is drawn.
+  described = [run for run in runs if run.partition is not None and 'clients' in run.partition]
   if described:
     figures.append(plot_partitions(described, partition_path))
   elif os.path.exists(partition_path):

@@ -111,23 +111,25 @@ def _make_accountant(name: str, relation: str):
   return rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS), RELATIONS[relation])
 
 
-def _check_delta(delta: float, mode: str, smallest: int) -> None:
-  if delta * smallest >= 1:
-    what = 'clients' if mode == 'client' else "examples of the smallest client"
+def _check_delta(delta: float, mode: str, population: int, at_least: bool = False) -> None:
+  if delta * population >= 1:
+    what = 'clients' if mode == 'client' else 'training examples of all clients together'
     raise errors.UserError(
-        f'delta={delta:g} must be below 1/{smallest} = {1 / smallest:.3g}, one over the '
-        f'number of {what}: at delta >= 1/n, publishing the data of one individual drawn '
-        'at random meets the guarantee (TF Privacy: delta < 1/n); lower delta',
-        argument='delta')
+        f'delta={delta:g} must be below 1/{population} = {1 / population:.3g}, one over the '
+        f'number of {what}{" (at least)" if at_least else ""}: at delta >= 1/n, publishing '
+        'the data of one individual drawn at random meets the guarantee (TF Privacy: '
+        'delta < 1/n); lower delta', argument='delta')
 
 
 def check_delta(spec: PrivacySpec) -> None:
-  """Raises UserError unless `spec.delta` < 1/n, n the clients (client level) or the
-  smallest client's examples (sample level): call it once the sizes are known."""
+  """Raises UserError (argument 'delta') unless `spec.delta` < 1/n, n the individuals the
+  guarantee protects: the clients (client level), or every client's examples together (sample
+  level, where an individual is an example: a mechanism that publishes one training example
+  drawn at random meets delta = 1/n). Call it once the sizes are known; no sizes, no check."""
   if spec.mode == 'client':
     _check_delta(spec.delta, 'client', spec.num_clients)
-  elif any(spec.client_sizes):
-    _check_delta(spec.delta, 'sample', min(n for n in spec.client_sizes if n))
+  elif sum(spec.client_sizes):
+    _check_delta(spec.delta, 'sample', sum(spec.client_sizes))
 
 
 def round_record(spec: PrivacySpec, noise_multiplier: float | None = None) -> dict:
@@ -199,11 +201,12 @@ def ledger_epsilon(ledger: Sequence[dict], delta: float, accountant: str = 'auto
                            f'{sorted(kinds)}: a run keeps one DP mode and one sampling scheme')
   (_, relation), = kinds
   name = _accountant_name(accountant, relation)
-  sizes = [(group['population'], record['mode']) for record in ledger
-           for group in record['groups']]
-  if sizes:
-    smallest, mode = min(sizes)
-    _check_delta(delta, mode, smallest)
+  for record in ledger:  # `check_delta` saw the exact sizes; a ledger holds a lower bound.
+    populations = [group['population'] for group in record['groups']]
+    if record['mode'] == 'client' and populations:
+      _check_delta(delta, 'client', min(populations))
+    elif sum(populations):  # Every size in the record is held by at least one client.
+      _check_delta(delta, 'sample', sum(populations), at_least=True)
   events = {}  # Population -> its events: clients of one size share one guarantee.
   for record, run in itertools.groupby(ledger):  # A run of equal rounds is one event.
     rounds = len(list(run))
@@ -224,7 +227,9 @@ def ledger_epsilon(ledger: Sequence[dict], delta: float, accountant: str = 'auto
 
 def epsilon(spec: PrivacySpec, rounds: int | None = None,
             noise_multiplier: float | None = None) -> float:
-  """Epsilon at `spec.delta` after `rounds` rounds (default: all of them)."""
+  """Epsilon at `spec.delta` after `rounds` rounds (default: all of them); UserError
+  (argument 'delta') if `check_delta` refuses `spec`."""
+  check_delta(spec)
   rounds = spec.rounds if rounds is None else rounds
   return ledger_epsilon([round_record(spec, noise_multiplier)] * rounds, spec.delta,
                         spec.accountant)
