@@ -7,19 +7,20 @@ import ml_collections
 from ml_collections import config_dict
 
 from fedpeft_jax import errors
+from fedpeft_jax import peft
 
-# Client learning rates of the paper's configs (LoRA is not in the paper).
-LEARNING_RATES = {'full': 1e-3, 'head': 5e-3, 'bias': 1e-2, 'adapter': 5e-3,
-                  'prompt': 1e-2, 'lora': 5e-3}
+# Each method's default client learning rate, as its PEFT_METHODS entry declares it (the
+# paper's configs'): a read-only view for reports and tests.
+LEARNING_RATES = {name: peft.PEFT_METHODS.get(name).learning_rate for name in peft.METHODS}
 
 
 def learning_rate(method: str) -> float:
-  """A composed method (e.g. 'bias+lora') takes the smallest rate of its parts.
+  """A composed method (e.g. 'bias+lora') takes the smallest rate of its parts
+  (`peft.learning_rate`); a registered method without one is a `UserError`.
 
   Unknown parts are skipped here: validation at launch names them.
   """
-  return min((LEARNING_RATES[p] for p in method.split('+') if p in LEARNING_RATES),
-             default=LEARNING_RATES['full'])
+  return peft.learning_rate(method)
 
 
 DP_MODES = ('none', 'client', 'sample')
@@ -103,14 +104,11 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = method
-  c.peft.adapter_reduction = 8
-  c.peft.adapter_shared = True
-  c.peft.prompt_tokens = 10
-  c.peft.prompt_deep = True
-  c.peft.lora_rank = 8
-  c.peft.lora_alpha = 8.0
-  c.peft.lora_freeze_a = False  # FFA-LoRA: A stays at its shared initialisation, B trains.
-  c.peft.cache_head_features = True  # method='head': train on backbone features computed once.
+  # Every registered method's options with its defaults (fedpeft_jax/peft/<method>.py):
+  # cache_head_features, adapter_reduction, adapter_shared, prompt_tokens, prompt_deep,
+  # lora_rank, lora_alpha, lora_freeze_a (FFA-LoRA), ...
+  for key, value in peft.option_defaults().items():
+    c.peft[key] = value
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # 'tfds', 'folder' or 'synthetic'.

@@ -19,9 +19,6 @@ from fedpeft_jax.privacy import accounting
 # Where a method's trainable parameters sit in the ViT, in the order the table shows them.
 PARAMETER_GROUPS = ('patch_embedding', 'position_and_cls', 'attention', 'mlp', 'layernorm',
                     'head', 'peft_additions')
-# The methods that add parameters of their own to the backbone.
-_ADDITIONS = 'adapter+prompt+lora'
-
 
 def _group(path: tuple[str, ...], is_addition: bool) -> str:
   if path[0] in ('head', 'pre_logits'):
@@ -43,10 +40,9 @@ def _group(path: tuple[str, ...], is_addition: bool) -> str:
 
 def parameter_groups(params) -> dict[str, str]:
   """Each parameter path ('Transformer/encoder_norm/bias') -> its group in PARAMETER_GROUPS."""
-  # The adapter, prompt and LoRA methods' own labels say which leaves they add.
-  additions = traverse_util.flatten_dict(peft.labels(_ADDITIONS, params))
-  return {'/'.join(path): _group(path, label == peft.TRAINABLE)
-          for path, label in additions.items()}
+  # Each registered method declares the parameters it adds (`PeftMethod.adds`).
+  return {'/'.join(path): _group(path, peft.is_added(path))
+          for path in traverse_util.flatten_dict(params)}
 
 
 def group_counts(params, trainable) -> dict[str, int]:
@@ -70,8 +66,8 @@ def mask_report(config) -> dict:
   report = {}
   for method in compared_methods(config):
     params = build.abstract_params(config, build.build_model(config, method))
-    trainable, _ = peft.split(params, peft.labels(
-        method, params, freeze_lora_a=config.peft.lora_freeze_a))
+    trainable, _ = peft.split(params, peft.labels(method, params,
+                                                  **build.peft_options(config)))
     n = peft.count(trainable)
     report[method] = {'trainable': n, 'total': peft.count(params),
                       'bytes_per_transfer': n * callbacks.BYTES_PER_PARAM,

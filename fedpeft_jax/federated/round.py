@@ -111,10 +111,8 @@ def make_round(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTrans
                              jnp.zeros((), jnp.int32), rng,
                              algorithm.init(trainable, cohort.num_clients))
 
-  def apply(state, frozen, dataset, table):
-    return _apply(parts, state, frozen, dataset, table)
-
-  return FederatedRound(init, apply)
+  return FederatedRound(init, lambda state, frozen, dataset, table: _apply(
+      parts, state, frozen, dataset, table))
 
 
 class _RoundParts(NamedTuple):

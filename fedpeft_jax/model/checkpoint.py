@@ -1,7 +1,8 @@
 """Loads official ViT `.npz` checkpoints into a model's parameter tree.
 
-The files are flat: keys are `/`-joined Flax paths. PEFT additions and the new
-head are not in them; everything else must match by name and shape, and any
+The files are flat: keys are `/`-joined Flax paths. PEFT additions (the names each
+registered method declares it adds, `fedpeft_jax.peft.is_added`) and the new head are
+not in them; everything else must match by name and shape, and any
 mismatch is reported in full rather than one key at a time.
 """
 from __future__ import annotations
@@ -17,9 +18,8 @@ import scipy.ndimage
 from flax import traverse_util
 
 from fedpeft_jax import errors
+from fedpeft_jax import peft
 
-# Parameters a pretrained backbone does not provide.
-_NOT_IN_CHECKPOINT = ('adapter', 'prompt', 'lora_')
 _HEAD = 'head/'
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
 _PRE_LOGITS = 'pre_logits/'
@@ -31,8 +31,8 @@ class CheckpointError(errors.UserError):
 
 
 def _is_new(key: str) -> bool:
-  return key.startswith(_HEAD) or any(
-      part.startswith(_NOT_IN_CHECKPOINT) for part in key.split('/'))
+  """A parameter a pretrained backbone does not provide: the head, or a PEFT addition."""
+  return key.startswith(_HEAD) or peft.is_added(tuple(key.split('/')))
 
 
 # How a position-embedding grid is resized for another image size (`resample_posemb`).

@@ -1,14 +1,16 @@
 """Vision Transformer whose parameter tree matches the official ViT checkpoints.
 
 The module and parameter names follow google-research/vision_transformer so an
-official `.npz` file maps one-to-one onto `params`. PEFT additions (adapters,
-visual prompts, LoRA) live under names of their own (`adapter`, `prompt`,
-`lora_*`) so that checkpoints never mention them and masks can select them.
+official `.npz` file maps one-to-one onto `params`. The model knows no PEFT
+method: it exposes named hook points (`Addition`) where a method's modules plug
+in, and the modules themselves live in `fedpeft_jax/peft/<method>.py`. What a
+method adds is named by the method (`adapter`, `prompt`, `lora_*`), so that
+checkpoints never mention it and masks can select it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -37,33 +39,64 @@ SIZES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class PeftModules:
-  """Which trainable additions the backbone carries (none by default)."""
-  adapter: bool = False
-  adapter_reduction: int = 8
-  adapter_shared: bool = True  # One adapter for all blocks, as in the paper's code.
-  prompt_tokens: int = 0  # VPT; 0 disables prompts.
-  prompt_deep: bool = True  # Fresh prompts at every layer, else the first only.
-  lora_rank: int = 0  # LoRA on query and value; 0 disables it.
-  lora_alpha: float = 1.0  # Scale of the LoRA update is lora_alpha / lora_rank.
-
-
-class Adapter(nn.Module):
-  """Bottleneck adapter; the zero up-projection makes it an identity at init."""
-  reduction: int
-  dtype: Dtype
+class Site(NamedTuple):
+  """Where a hook runs. `scope` is the module the hook point is in: parameters the hook
+  makes with `site.scope.param(name, ...)` and modules it constructs (`Module(name=...)`)
+  live under that module's path. `layer` is the encoder block's index (None in
+  `Addition.encoder`); `state` is what the addition's own `encoder` hook returned."""
+  scope: nn.Module
+  size: ViTSize
+  dtype: Dtype  # Compute dtype.
   param_dtype: Dtype
+  layer: Optional[int]
+  state: Any
 
-  @nn.compact
-  def __call__(self, x):
-    hidden = x.shape[-1]
-    dense = lambda features, name, **kw: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
-    h = dense(hidden // self.reduction, 'down')(x)
-    h = nn.gelu(h)
-    h = dense(hidden, 'up', kernel_init=nn.initializers.zeros)(h)
-    return x + h
+
+class Addition:
+  """A PEFT method's modules in the ViT: one method per hook point it overrides.
+
+  Every hook defaults to the identity. The hook points, in the order a forward pass
+  meets them (x: [batch, tokens, hidden] in the compute dtype):
+
+    encoder(site, x) -> state: once, in `Transformer`, after the position embeddings and
+      before block 0; what it returns (e.g. a module shared by every block) comes back as
+      `site.state` at this addition's other hooks.
+    tokens(site, x) -> x: the token sequence entering block `site.layer`, in
+      `Transformer` (layer 0: what enters the encoder); may change its length.
+    projection(site, name, x, out) -> out: in a block's
+      `MultiHeadDotProductAttention_1`, right after its `name` ('query', 'key', 'value')
+      projection: x [batch, tokens, hidden] its input, out [batch, tokens, heads, head_dim].
+    after_attention(site, y) -> y: in block `encoderblock_{layer}`, the attention's
+      output before the residual sum.
+    after_mlp(site, y) -> y: in block `encoderblock_{layer}`, the MLP's output before the
+      residual sum.
+
+  Subclasses are frozen dataclasses (hashable, as every field of a Flax module is).
+  Parameter-creation order within a scope fixes their random initialisation, so an
+  addition creates its parameters in one fixed order.
+  """
+
+  def encoder(self, site: Site, x: jax.Array) -> Any:
+    return None
+
+  def tokens(self, site: Site, x: jax.Array) -> jax.Array:
+    return x
+
+  def projection(self, site: Site, name: str, x: jax.Array, out: jax.Array) -> jax.Array:
+    return out
+
+  def after_attention(self, site: Site, y: jax.Array) -> jax.Array:
+    return y
+
+  def after_mlp(self, site: Site, y: jax.Array) -> jax.Array:
+    return y
+
+
+Additions = tuple[Addition, ...]
+
+
+def _sites(module: nn.Module, size: ViTSize, layer: Optional[int], states: tuple):
+  return [Site(module, size, module.dtype, module.param_dtype, layer, s) for s in states]
 
 
 def attention(q, k, v, implementation: Optional[str], pad_to: Optional[int] = None):
@@ -86,30 +119,27 @@ def attention(q, k, v, implementation: Optional[str], pad_to: Optional[int] = No
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with the official parameter layout, fused attention kernel."""
-  num_heads: int
-  lora_rank: int
-  lora_alpha: float
+  """Self-attention with the official parameter layout, fused attention kernel.
+
+  Hook point: `Addition.projection` after each of query, key and value."""
+  size: ViTSize
   dtype: Dtype
   param_dtype: Dtype
   implementation: Optional[str] = None  # jax.nn.dot_product_attention's; 'cudnn' on GPUs.
+  layer: int = 0
+  additions: Additions = ()
+  states: tuple = ()  # Each addition's `encoder` state.
 
   @nn.compact
   def __call__(self, x):
-    hidden = x.shape[-1]
-    head_dim = hidden // self.num_heads
+    hidden, num_heads = x.shape[-1], self.size.num_heads
+    sites = _sites(self, self.size, self.layer, self.states)
 
     def project(name):
-      out = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+      out = nn.DenseGeneral((num_heads, hidden // num_heads), dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)(x)
-      if self.lora_rank and name in ('query', 'value'):
-        a = self.param(f'lora_{name}_a', nn.initializers.he_uniform(),
-                       (hidden, self.lora_rank), self.param_dtype)
-        b = self.param(f'lora_{name}_b', nn.initializers.zeros,
-                       (self.lora_rank, self.num_heads, head_dim), self.param_dtype)
-        scale = self.lora_alpha / self.lora_rank
-        low_rank = jnp.einsum('...d,dr->...r', x, a.astype(self.dtype))
-        out = out + scale * jnp.einsum('...r,rnh->...nh', low_rank, b.astype(self.dtype))
+      for addition, site in zip(self.additions, sites):
+        out = addition.projection(site, name, x, out)
       return out
 
     q, k, v = project('query'), project('key'), project('value')
@@ -146,79 +176,67 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  mlp_dim: int
-  num_heads: int
-  peft: PeftModules
-  adapter: Optional[nn.Module]  # A shared adapter, bound at the encoder's scope.
+  """Pre-norm block. Hook points: `Addition.after_attention`, `Addition.after_mlp`."""
+  size: ViTSize
+  layer: int
   dtype: Dtype
   param_dtype: Dtype
   attention: Optional[str] = None
+  additions: Additions = ()
+  states: tuple = ()  # Each addition's `encoder` state (e.g. a shared module).
 
   @nn.compact
   def __call__(self, x):
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                                      name=name)
+    sites = _sites(self, self.size, self.layer, self.states)
     # Explicit names: the official checkpoints number submodules across types.
     y = norm('LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
-        self.num_heads, self.peft.lora_rank, self.peft.lora_alpha, self.dtype,
-        self.param_dtype, self.attention, name='MultiHeadDotProductAttention_1')(y)
+        self.size, self.dtype, self.param_dtype, self.attention, self.layer,
+        self.additions, self.states, name='MultiHeadDotProductAttention_1')(y)
+    for addition, site in zip(self.additions, sites):
+      y = addition.after_attention(site, y)
     x = x + y
     y = norm('LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name='MlpBlock_3')(y)
-    if self.adapter is not None:
-      y = self.adapter(y)
-    elif self.peft.adapter:
-      y = Adapter(self.peft.adapter_reduction, self.dtype, self.param_dtype,
-                  name='adapter')(y)
+    y = MlpBlock(self.size.mlp_dim, self.dtype, self.param_dtype, name='MlpBlock_3')(y)
+    for addition, site in zip(self.additions, sites):
+      y = addition.after_mlp(site, y)
     return x + y
 
 
 class Encoder(nn.Module):
+  """Position embeddings, the blocks, the final norm. Hook points: `Addition.encoder`
+  (once) and `Addition.tokens` (before every block)."""
   size: ViTSize
-  peft: PeftModules
+  additions: Additions
   dtype: Dtype
   param_dtype: Dtype
   attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
-    batch, _, hidden = x.shape
     x = AddPositionEmbs(self.dtype, self.param_dtype, name='posembed_input')(x)
-
-    peft = self.peft
-    shared_adapter = None
-    if peft.adapter and peft.adapter_shared:
-      shared_adapter = Adapter(peft.adapter_reduction, self.dtype,
-                               self.param_dtype, name='adapter')
-    prompts = None
-    if peft.prompt_tokens:
-      # VPT's uniform Xavier init over the patch fan-in and the hidden size.
-      fan_in = 3 * self.size.patch_size ** 2
-      bound = (6.0 / (fan_in + hidden)) ** 0.5
-      layers = self.size.num_layers if peft.prompt_deep else 1
-      init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-      prompts = self.param('prompt', init, (layers, peft.prompt_tokens, hidden),
-                           self.param_dtype).astype(self.dtype)
-      tokens = lambda i: jnp.broadcast_to(prompts[i], (batch,) + prompts.shape[1:])
-      x = jnp.concatenate([x[:, :1], tokens(0), x[:, 1:]], axis=1)
-
+    states = tuple(addition.encoder(site, x) for addition, site in zip(
+        self.additions, _sites(self, self.size, None, (None,) * len(self.additions))))
     for i in range(self.size.num_layers):
-      if prompts is not None and peft.prompt_deep and i > 0:
-        x = jnp.concatenate(
-            [x[:, :1], tokens(i), x[:, 1 + peft.prompt_tokens:]], axis=1)
-      x = Encoder1DBlock(self.size.mlp_dim, self.size.num_heads, peft,
-                         shared_adapter, self.dtype, self.param_dtype, self.attention,
-                         name=f'encoderblock_{i}')(x)
+      for addition, site in zip(self.additions, _sites(self, self.size, i, states)):
+        x = addition.tokens(site, x)
+      x = Encoder1DBlock(self.size, i, self.dtype, self.param_dtype, self.attention,
+                         self.additions, states, name=f'encoderblock_{i}')(x)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                         name='encoder_norm')(x)
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier. Inputs are images in [-1, 1], NHWC; outputs float32 logits."""
+  """ViT classifier. Inputs are images in [-1, 1], NHWC; outputs float32 logits.
+
+  `additions`: the PEFT methods' modules at the hook points (`Addition`), applied in
+  this order at each point; `fedpeft_jax.peft.modules_for(method)` makes them.
+  """
   size: ViTSize
   num_classes: int
-  peft: PeftModules = PeftModules()
+  additions: Additions = ()
   representation_size: Optional[int] = None  # `pre_logits` of the original i21k files.
   features_only: bool = False  # Return the representation the head reads.
   attention: Optional[str] = None  # None/'xla', or 'cudnn' (fused, padded) on GPUs.
@@ -236,8 +254,8 @@ class VisionTransformer(nn.Module):
     cls = self.param('cls', nn.initializers.zeros, (1, 1, hidden), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, hidden)), x],
                         axis=1)
-    x = Encoder(self.size, self.peft, self.dtype, self.param_dtype, self.attention,
-                name='Transformer')(x)
+    x = Encoder(self.size, tuple(self.additions), self.dtype, self.param_dtype,
+                self.attention, name='Transformer')(x)
     x = x[:, 0]
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
