@@ -1,7 +1,7 @@
 r"""Training throughput of a federated round: clients vmapped vs. looped in Python.
 
 A simulation's speed is bounded by how many images per second a round's
-clients train. This compares the library's round (`fedavg.fedavg`, clients
+clients train. This compares the library's round (`round.make_round`, clients
 vmapped in one jitted function) with what a sequential simulator does (one
 jitted client update called per client, deltas averaged after), on synthetic
 uint8 images and randomly initialised weights: no data or checkpoint needed.
@@ -33,7 +33,8 @@ from fedpeft_jax import configs
 from fedpeft_jax import peft
 from fedpeft_jax.experiment import build
 from fedpeft_jax.federated import client as client_lib
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import round as round_lib
+from fedpeft_jax.federated import types
 from fedpeft_jax.model import vit
 
 IMPLS = ('vmap', 'loop', 'cached_head')
@@ -116,9 +117,9 @@ def time_rounds(run_round, carry, rounds: int) -> tuple[float, list[float]]:
 def vmap_round(loss_fn, optimizer, trainable, frozen, dataset, table, batch, rng):
   """The library's round: all clients vmapped in one jitted call."""
   clients = table.num_clients
-  algorithm = fedavg.fedavg(loss_fn, optimizer, num_epochs=1, batch_size=batch,
-                            max_examples=table.max_examples, clients_per_round=clients,
-                            num_clients=clients)
+  algorithm = round_lib.make_round(loss_fn, optimizer,
+                                  client_lib.LocalSpec(1, batch, table.max_examples),
+                                  round_lib.Cohort(clients, clients))
   round_fn = jax.jit(algorithm.apply, donate_argnums=0)
   run_round = lambda state: round_fn(state, frozen, dataset, table)[0]
   return run_round, algorithm.init(trainable, rng)
@@ -173,7 +174,7 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
       'image': jax.random.bits(image_rng, (num_images, image_size, image_size, 3),
                                jnp.uint8),
       'label': jax.random.randint(label_rng, (num_images,), 0, _NUM_CLASSES.value)}
-  table = fedavg.ClientTable.from_partition(np.split(np.arange(num_images), clients))
+  table = types.ClientTable.from_partition(np.split(np.arange(num_images), clients))
   loss_fn = build.make_loss_fn(model, image_size)
   feature_seconds = None
   if impl == 'cached_head':  # Training's default for method=head: the backbone runs once.

@@ -30,7 +30,8 @@ from fedpeft_jax import configs
 from fedpeft_jax import peft
 from fedpeft_jax.data import partition
 from fedpeft_jax.experiment import build
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import schedules
+from fedpeft_jax.federated import types
 from fedpeft_jax.model import vit
 
 # name: (training examples, classes, Dirichlet alpha).
@@ -43,7 +44,7 @@ _SPLIT = flags.DEFINE_enum('split', 'pcam_dir05', list(SPLITS), 'Whose client si
 _MODEL = flags.DEFINE_enum('model', 'vit_test', list(vit.SIZES), 'Backbone size.')
 _METHOD = flags.DEFINE_string('method', 'bias', 'PEFT method.')
 _SCHEDULES = flags.DEFINE_list('schedules', ['padded', 'packed'],
-                               f'fl.schedule values to compare, among {fedavg.SCHEDULES}.')
+                               f'fl.schedule values to compare, among {schedules.SCHEDULES}.')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 64, 'Clients of the split.', lower_bound=1)
 _CLIENTS_PER_ROUND = flags.DEFINE_integer('clients_per_round', 8, 'Cohort size.',
                                           lower_bound=1)
@@ -59,8 +60,8 @@ _MANY = flags.DEFINE_integer('many', 1000, 'many_clients: the federation, all in
                              lower_bound=1)
 _BASELINE = flags.DEFINE_integer('baseline', 64, 'many_clients: the round it is compared with.',
                                  lower_bound=1)
-flags.register_validator('schedules', lambda s: bool(s) and set(s) <= set(fedavg.SCHEDULES),
-                         f'--schedules: a comma-separated list of {fedavg.SCHEDULES}')
+flags.register_validator('schedules', lambda s: bool(s) and set(s) <= set(schedules.SCHEDULES),
+                         f'--schedules: a comma-separated list of {schedules.SCHEDULES}')
 
 _compiled: list[str] = []  # The name of every function XLA compiled, in order.
 
@@ -104,7 +105,7 @@ class Federation:
     self.dataset = {
         'image': jax.random.bits(image_rng, (num_images, side, side, 3), jnp.uint8),
         'label': jax.random.randint(label_rng, (num_images,), 0, num_classes)}
-    self.table = fedavg.ClientTable.from_partition(client_indices)
+    self.table = types.ClientTable.from_partition(client_indices)
 
 
 

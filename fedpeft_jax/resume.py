@@ -11,6 +11,7 @@ mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -19,7 +20,8 @@ from flax import traverse_util
 
 from fedpeft_jax import configs
 from fedpeft_jax import errors
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.data import partition
+from fedpeft_jax.federated import types
 
 # Keys that may change between a run and its resumption: they do not change
 # what any round computes.
@@ -35,8 +37,8 @@ RESUMABLE_CHANGES = ('fl.rounds', 'fl.eval_every', 'checkpoint.', 'eval.batch_si
 DP_LOCKED_KEYS = frozenset({
     'seed', 'fl.num_clients', 'fl.clients_per_round', 'fl.batch_size', 'fl.local_epochs',
     'data.source', 'data.name', 'data.path', 'data.train_split', 'data.num_train_examples',
-    'data.num_classes', 'data.partition', 'data.alpha', 'data.min_client_size',
-    'data.shards_per_client', 'data.client_feature'})
+    'data.num_classes', 'data.partition', 'data.client_feature',
+    *partition.option_defaults()})  # Every partition's own keys: data.alpha, ...
 
 # A mismatched state names this many differing leaves, then counts the rest.
 MAX_NAMED_LEAVES = 4
@@ -139,6 +141,17 @@ def state_mismatches(saved: dict, wanted: dict) -> list[str]:
   return problems
 
 
+class LegacyServerState(NamedTuple):
+  """`types.ServerState` as checkpoints before issue 20 name it: SCAFFOLD's variates
+  where the generic `algorithm_state` is now. Restored positionally into the new one."""
+  trainable: Any
+  opt_state: Any
+  aggregator_state: Any
+  round: Any
+  rng: Any
+  variates: Any = ()
+
+
 class RunCheckpointer:
   """Saves and restores a run's state in `workdir/checkpoints`."""
 
@@ -151,7 +164,7 @@ class RunCheckpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=False))
 
-  def save(self, state: fedavg.ServerState, meta: dict, config) -> None:
+  def save(self, state: types.ServerState, meta: dict, config) -> None:
     # Typed keys are stored as their raw uint32 data.
     arrays = state._replace(rng=jax.random.key_data(state.rng))
     self._manager.save(int(state.round), args=ocp.args.Composite(
@@ -183,7 +196,7 @@ class RunCheckpointer:
           '--config.checkpoint.force=True')
     return step, meta
 
-  def restore_state(self, step: int, template: fedavg.ServerState) -> fedavg.ServerState:
+  def restore_state(self, step: int, template: types.ServerState) -> types.ServerState:
     """The server state saved at round `step`, shaped like `template`.
 
     Raises ResumeError naming the first differing leaves (path, checkpoint shape and
@@ -194,6 +207,8 @@ class RunCheckpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             template._replace(rng=jax.random.key_data(template.rng)))
     metadata = self._manager.item_metadata(step)['state']
+    if 'variates' in metadata.tree:  # Written before the algorithm state was generic.
+      abstract = LegacyServerState(*abstract)
     problems = state_mismatches(_leaf_shapes(metadata.tree),
                                 _leaf_shapes(ocp.tree.serialize_tree(abstract)))
     if problems:
@@ -205,7 +220,7 @@ class RunCheckpointer:
           'the trained tree: resume with the config that made it, or use a new --workdir')
     arrays = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
-    state = fedavg.ServerState(*arrays)
+    state = types.ServerState(*arrays)
     return state._replace(rng=jax.random.wrap_key_data(state.rng))
 
   @property

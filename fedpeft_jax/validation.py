@@ -10,7 +10,9 @@ import math
 
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import algorithms
+from fedpeft_jax.federated import sampling
+from fedpeft_jax.federated import schedules
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.model import checkpoint
 from fedpeft_jax.model import vit
@@ -48,6 +50,20 @@ def aggregation(config) -> str:
   if config.fl.aggregation != 'auto':
     return config.fl.aggregation
   return 'uniform' if config.dp.mode == 'client' else 'weighted'
+
+
+def _check_algorithm(config) -> None:
+  """The registered algorithm's own check and the DP modes it supports (SCAFFOLD's
+  variates and FedNova's step counts are per-client releases that client-level DP does
+  not clip, noise or account)."""
+  spec = algorithms.ALGORITHMS.get(config.fl.algorithm)
+  problem = spec.check(config)
+  if problem:
+    _check(False, problem[0], _get(config, problem[0]), problem[1])
+  supported = ', '.join(repr(m) for m in spec.dp_modes)
+  _check(config.dp.mode in spec.dp_modes, 'fl.algorithm', config.fl.algorithm,
+         f'supports dp.mode {supported} only (not {config.dp.mode!r}): change dp.mode, or use '
+         "fl.algorithm='fedavg'")
 
 
 def _check(ok: bool, key: str, value, allowed: str):
@@ -123,17 +139,24 @@ def _validate_data(config, needs_data: bool):
   d = config.data
   _one_of(config, 'data.source', sources.SOURCES.names())
   source = sources.SOURCES.get(d.source)
-  _one_of(config, 'data.partition', partition.METHODS)
-  _positive(config, 'data.alpha')
+  _one_of(config, 'data.partition', partition.PARTITIONS.names())
+  chosen = partition.PARTITIONS.get(d.partition)
   _check(d.num_classes >= 2, 'data.num_classes', d.num_classes, 'must be >= 2')
-  _check(d.min_client_size >= 0, 'data.min_client_size', d.min_client_size, 'must be >= 0')
-  _check(d.shards_per_client >= 1, 'data.shards_per_client', d.shards_per_client,
-         'must be >= 1')
-  natural = d.partition == 'natural'
+  # Every registered partition's options (`PartitionSpec.options`), whichever is chosen:
+  # the config holds them all, and a sweep over data.partition reads each.
+  for _, spec in partition.PARTITIONS.items():
+    for option in spec.options.values():
+      value = _get(config, option.key)
+      problem = option.check(value)
+      _check(problem is None, option.key, value, problem)
   per_client = ', or '.join(s.clients for _, s in sources.SOURCES.items() if s.clients)
-  _check(not natural or source.clients, 'data.partition', d.partition,
+  _check(not chosen.needs_client_ids or source.clients, 'data.partition', d.partition,
          f"needs data that names each example's client: {per_client}; {d.source} data has "
          'no clients')
+  problem = chosen.check(config)  # The chosen partition's rules spanning other keys.
+  if problem:
+    key, allowed = problem
+    raise ConfigError(key, _get(config, key), allowed)
   if d.storage_size is not None:
     _positive(config, 'data.storage_size')
   for key in ('data.num_train_examples', 'data.num_test_examples'):
@@ -154,9 +177,9 @@ def _validate_federation(config):
   _check(fl.client_chunk >= 0, 'fl.client_chunk', fl.client_chunk,
          'must be >= 0 (0: all clients of a round at once)')
   _check(0 <= fl.dropout_prob < 1, 'fl.dropout_prob', fl.dropout_prob, 'must be in [0, 1)')
-  _one_of(config, 'fl.schedule', fedavg.SCHEDULES)
+  _one_of(config, 'fl.schedule', schedules.SCHEDULES)
   _one_of(config, 'fl.aggregation', AGGREGATIONS)
-  _one_of(config, 'fl.algorithm', fedavg.ALGORITHMS)
+  _one_of(config, 'fl.algorithm', algorithms.ALGORITHMS.names())
   _check(fl.prox_mu >= 0, 'fl.prox_mu', fl.prox_mu, 'must be >= 0 (0: no proximal term)')
   _one_of(config, 'fl.server_optimizer', server_optimizers.SERVER_OPTIMIZERS)
   if fl.server_lr is not None:
@@ -164,10 +187,7 @@ def _validate_federation(config):
   for key in ('fl.server_momentum', 'fl.server_b1', 'fl.server_b2'):
     _check(0 <= _get(config, key) < 1, key, _get(config, key), 'must be in [0, 1)')
   _positive(config, 'fl.server_eps')
-  _check(fl.algorithm != 'scaffold' or config.dp.mode != 'client', 'fl.algorithm',
-         fl.algorithm, "SCAFFOLD's control variates are a second release per client that "
-         "client-level DP does not clip, noise or account: use dp.mode='sample' or "
-         "'none', or fl.algorithm='fedavg'")
+  _check_algorithm(config)
   _check(0 <= config.optim.momentum < 1, 'optim.momentum', config.optim.momentum,
          'must be in [0, 1)')
   _check(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay,
@@ -196,7 +216,7 @@ def _validate_privacy(config):
   if dp.target_epsilon is not None:
     _positive_finite(config, 'dp.target_epsilon')
   if dp.mode == 'client':
-    _one_of(config, 'dp.sampling', fedavg.SAMPLINGS)
+    _one_of(config, 'dp.sampling', sampling.SAMPLINGS)
     _check(aggregation(config) == 'uniform', 'fl.aggregation', config.fl.aggregation,
            "must be 'uniform' or 'auto' with dp.mode='client': weighting by example count "
            'lets one client move the average by more than its clip norm')
@@ -223,15 +243,18 @@ def _validate_privacy(config):
 def _validate_sample_delta(config):
   """At sample level an individual is a training example: delta must be below one over all
   clients' examples together (`accounting.check_delta`, once the data is loaded). What is
-  known now: data.num_train_examples, and a Dirichlet or quantity split's floor of
-  data.min_client_size examples for each of fl.num_clients clients."""
+  known now: data.num_train_examples, and fl.num_clients times the fewest examples the
+  partition gives every client (`PartitionSpec.min_client_size`, e.g. Dirichlet's and
+  quantity's data.min_client_size)."""
   d, fl = config.data, config.fl
   known = []
   if d.num_train_examples is not None:  # Every partition method places every example.
     known.append((d.num_train_examples, '', 'data.num_train_examples'))
-  if d.partition in ('dirichlet', 'quantity'):
-    known.append((fl.num_clients * d.min_client_size, 'at least ',
-                  'fl.num_clients x data.min_client_size'))
+  spec = partition.PARTITIONS.get(d.partition)
+  floor, keys = spec.client_floor(spec.read_options(config))
+  if floor > 0:
+    known.append((fl.num_clients * floor, 'at least ', f'fl.num_clients x {floor}' + (
+        f' by {", ".join(keys)}' if keys else f' under data.partition={d.partition!r}')))
   if not known:
     return
   total, at_least, source = max(known)

@@ -23,6 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from typing import NamedTuple
+
+from fedpeft_jax.federated import algorithms
+from fedpeft_jax.federated import client as client_lib
+from fedpeft_jax.federated import round as round_lib
+from fedpeft_jax.federated.algorithms import fedprox
+from fedpeft_jax.federated.algorithms import scaffold as scaffold_lib
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,3 +99,25 @@ def linear_problem(sizes=(5, 17, 9, 30, 12, 3)):
                'b': jnp.zeros(LINEAR_CLASSES)}
   frozen = {'proj': jnp.asarray(rng.normal(size=(LINEAR_DIM, LINEAR_DIM)), jnp.float32)}
   return dataset, parts, trainable, frozen
+
+
+class Scaffold(NamedTuple):
+  local_learning_rate: float
+
+
+def fedavg_round(loss_fn, client_optimizer, *, num_epochs, batch_size, max_examples,
+                 clients_per_round, num_clients, client_chunk=None, sampling='fixed',
+                 dropout_prob=0.0, aggregator=None, server_optimizer=None, sample_dp=None,
+                 mesh=None, schedule='packed', prox_mu=0.0, scaffold=None, algorithm=None):
+  """`round.make_round` in the tests' flat keywords: FedAvg, or SCAFFOLD with `scaffold`,
+  or any `algorithm`, with FedProx's term when `prox_mu` > 0."""
+  if algorithm is None:
+    algorithm = (algorithms.Algorithm() if scaffold is None
+                 else scaffold_lib.scaffold(scaffold.local_learning_rate))
+  return round_lib.make_round(
+      loss_fn, client_optimizer,
+      client_lib.LocalSpec(num_epochs, batch_size, max_examples, sample_dp),
+      round_lib.Cohort(clients_per_round, num_clients, sampling, dropout_prob),
+      algorithm=fedprox.with_proximal_term(algorithm, prox_mu), aggregator=aggregator,
+      server_optimizer=server_optimizer,
+      execution=round_lib.Execution(schedule, client_chunk, mesh))

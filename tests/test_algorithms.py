@@ -10,21 +10,21 @@ import pytest
 
 from fedpeft_jax import errors, peft
 from fedpeft_jax.federated import client as client_lib
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import schedules, types
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated.algorithms import Algorithm, fednova, fedprox
-from tests.conftest import linear_loss_fn, linear_problem
+from tests.conftest import Scaffold, fedavg_round, linear_loss_fn, linear_problem
 
 LR, TAU = 0.05, 1e-3
 
 
 def _round(loss_fn=linear_loss_fn, sizes=(5, 17, 9, 30, 12, 3), optimizer=None, **kw):
   dataset, parts, trainable, frozen = linear_problem(sizes)
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   options = dict(num_epochs=2, batch_size=4, clients_per_round=4)
   options.update(kw)
-  algorithm = fedavg.fedavg(loss_fn, optimizer or client_lib.sgd(0.1, 0.9, 0.0),
+  algorithm = fedavg_round(loss_fn, optimizer or client_lib.sgd(0.1, 0.9, 0.0),
                             max_examples=table.max_examples, num_clients=len(parts),
                             **options)
   return algorithm, jax.jit(algorithm.apply), (frozen, dataset, table), trainable
@@ -137,7 +137,7 @@ def _softmax_gradient(w, b, x, y):
   return {'w': x.T @ p / len(y), 'b': p.mean(0)}
 
 
-@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
 def test_scaffold_variates_follow_the_papers_formulas_for_two_rounds(schedule):
   """Karimireddy et al. 2020, option II, in numpy: K full-batch steps of
   y -= lr (g_i(y) + c - c_i); c_i+ = c_i - c + (x - y) / (K lr); x += weighted mean of
@@ -146,7 +146,7 @@ def test_scaffold_variates_follow_the_papers_formulas_for_two_rounds(schedule):
   lr, epochs, sizes = 0.3, 3, (5, 7, 6, 8, 4, 7)
   algorithm, apply, args, trainable = _round(
       _deterministic_loss, sizes, optax.sgd(lr), num_epochs=epochs, batch_size=8,
-      clients_per_round=3, client_chunk=2, schedule=schedule, scaffold=fedavg.Scaffold(lr))
+      clients_per_round=3, client_chunk=2, schedule=schedule, scaffold=Scaffold(lr))
   _, dataset, table = args
   x_all, y_all = np.asarray(dataset['x'], np.float64), np.asarray(dataset['y'])
   ids = [np.asarray(table.example_ids[i][:n]) for i, n in enumerate(sizes)]
@@ -186,7 +186,7 @@ def test_scaffold_leaves_the_variates_of_dropped_and_nonfinite_clients_alone():
     return jnp.where(jnp.any(batch['x'] > 2.5, axis=-1), jnp.nan, loss)
 
   algorithm, apply, args, trainable = _round(poisoned_loss, dropout_prob=0.3,
-                                             scaffold=fedavg.Scaffold(0.1))
+                                             scaffold=Scaffold(0.1))
   state = algorithm.init(trainable, jax.random.key(1))
   left_alone = 0
   for _ in range(6):
@@ -228,16 +228,16 @@ def test_ffa_lora_aggregates_to_the_average_of_the_clients_products(freeze_a):
   trainable, frozen = peft.split(params, peft.labels('lora', params, freeze_lora_a=freeze_a))
   assert ('lora_query_a' in trainable['layer']) != freeze_a
   assert 'lora_query_b' in trainable['layer'] and 'kernel' in frozen['layer']
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   optimizer = client_lib.sgd(0.5, 0.0, 0.0)
-  algorithm = fedavg.fedavg(loss_fn, optimizer, num_epochs=3, batch_size=4,
+  algorithm = fedavg_round(loss_fn, optimizer, num_epochs=3, batch_size=4,
                             max_examples=table.max_examples, clients_per_round=6,
                             num_clients=len(parts))
   state, m = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)), frozen,
                                       dataset, table)
   update = jax.jit(client_lib.make_client_update(
       loss_fn, optimizer, num_epochs=3, batch_size=4, max_examples=table.max_examples))
-  keys = fedavg.round_keys(jax.random.key(0), 0)
+  keys = types.round_keys(jax.random.key(0), 0)
   products, weights = [], []
   for c in np.asarray(m.clients):
     delta = update(trainable, frozen, dataset, table.example_ids[c], table.num_examples[c],
@@ -270,7 +270,7 @@ def test_fednova_is_the_papers_normalised_average_written_out(momentum, nesterov
              'y': jnp.asarray(np.repeat(y_rows, sizes), jnp.int32)}
   bounds = np.cumsum((0,) + sizes)
   parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   trainable = {'w': jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) * 0.1,
                'b': jnp.zeros(3, jnp.float32)}
   algorithm = round_lib.make_round(

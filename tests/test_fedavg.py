@@ -11,10 +11,10 @@ import pytest
 from fedpeft_jax import errors
 from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import client as client_lib
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import chunking, sampling, schedules, types
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated.algorithms import Algorithm, fedprox
-from tests.conftest import LINEAR_CLASSES, LINEAR_DIM, linear_loss_fn, linear_problem
+from tests.conftest import LINEAR_CLASSES, LINEAR_DIM, fedavg_round, linear_loss_fn, linear_problem
 
 def _poisoned_loss(trainable, frozen, batch, rng):
   """The linear loss, NaN on the examples marked as poison."""
@@ -74,19 +74,19 @@ def test_both_schedules_equal_a_per_client_loop(case):
   aggregator = options.setdefault('aggregator', aggregators.weighted_mean())
   dataset, parts, trainable, frozen = linear_problem(sizes=(5, 17, 9, 30, 12, 3, 0, 21))
   dataset['poison'] = jnp.zeros(len(dataset['y'])).at[parts[3][:2]].set(1.0)
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   rng = jax.random.key(42)
   expected, aggregator_state = trainable, aggregator.init()
   rounds, dropped, nonfinite_seen = {}, 0, 0
-  for schedule in fedavg.SCHEDULES:
-    algorithm = fedavg.fedavg(
+  for schedule in schedules.SCHEDULES:
+    algorithm = fedavg_round(
         loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=2, batch_size=4,
         max_examples=table.max_examples, clients_per_round=6, num_clients=len(parts),
         client_chunk=3, schedule=schedule, **options)
     rounds[schedule] = (jax.jit(algorithm.apply), algorithm.init(trainable, rng))
   for round_index in range(2):
-    keys = fedavg.round_keys(rng, round_index)
-    clients = np.asarray(fedavg.sample_clients(keys.sampling, len(parts), 6))
+    keys = types.round_keys(rng, round_index)
+    clients = np.asarray(sampling.sample_clients(keys.sampling, len(parts), 6))
     metrics = {}
     for schedule, (apply, state) in rounds.items():
       state, metrics[schedule] = apply(state, frozen, dataset, table)
@@ -116,10 +116,10 @@ def test_packed_lanes_narrow_to_the_clients_still_training():
   """A client of 4 steps and one of 1 step: the padded round computes 2 lanes x 4 steps,
   the packed one 2 lanes for one step, then 1 lane for three."""
   dataset, parts, trainable, frozen = linear_problem(sizes=(16, 4))
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   computed = {}
-  for schedule in fedavg.SCHEDULES:
-    algorithm = fedavg.fedavg(linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1,
+  for schedule in schedules.SCHEDULES:
+    algorithm = fedavg_round(linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1,
                               batch_size=4, max_examples=16, clients_per_round=2,
                               num_clients=2, schedule=schedule)
     _, metrics = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)),
@@ -155,22 +155,22 @@ def test_each_epoch_visits_every_example_once():
 
 def test_sampling_is_deterministic_per_round_and_varies_across_rounds():
   rng = jax.random.key(0)
-  draw = lambda r: np.asarray(fedavg.sample_clients(fedavg.round_keys(rng, r).sampling, 64, 8))
+  draw = lambda r: np.asarray(sampling.sample_clients(types.round_keys(rng, r).sampling, 64, 8))
   np.testing.assert_array_equal(draw(3), draw(3))
   assert not np.array_equal(draw(3), draw(4))
   assert len(set(draw(5).tolist())) == 8
 
 
 def test_chunk_for_memory_picks_the_largest_fitting_divisor():
-  assert fedavg.chunk_for_memory(64, 10, 1000) == 64
-  assert fedavg.chunk_for_memory(64, 10, 250) == 16  # 25 fit; 16 is the largest divisor.
-  assert fedavg.chunk_for_memory(64, 10, 250, multiple=8) == 16
-  assert fedavg.chunk_for_memory(24, 10, 200, multiple=8) == 8
+  assert chunking.chunk_for_memory(64, 10, 1000) == 64
+  assert chunking.chunk_for_memory(64, 10, 250) == 16  # 25 fit; 16 is the largest divisor.
+  assert chunking.chunk_for_memory(64, 10, 250, multiple=8) == 16
+  assert chunking.chunk_for_memory(24, 10, 200, multiple=8) == 8
   with pytest.raises(ValueError, match='GiB'):
-    fedavg.chunk_for_memory(8, 10, 5)
+    chunking.chunk_for_memory(8, 10, 5)
 
 
-@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
 def test_the_frozen_tree_is_never_copied_per_client(schedule):
   """No value in the compiled round has a client axis next to a frozen leaf's shape."""
   dataset, parts, trainable, _ = linear_problem()
@@ -181,8 +181,8 @@ def test_the_frozen_tree_is_never_copied_per_client(schedule):
     logits = (batch['x'] @ frozen['proj']) @ trainable['w'] + trainable['b']
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['y'])
 
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1,
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1,
                             batch_size=4, max_examples=table.max_examples,
                             clients_per_round=4, num_clients=len(parts), schedule=schedule)
   state = algorithm.init(trainable, jax.random.key(0))
@@ -194,8 +194,8 @@ def test_the_frozen_tree_is_never_copied_per_client(schedule):
 
 def _algorithm(loss_fn=linear_loss_fn, **kw):
   dataset, parts, trainable, frozen = linear_problem()
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1,
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1,
                             batch_size=4, max_examples=table.max_examples,
                             clients_per_round=4, num_clients=len(parts), **kw)
   return algorithm, jax.jit(algorithm.apply), (frozen, dataset, table), trainable
@@ -222,7 +222,7 @@ def test_dropped_clients_are_left_out_and_an_empty_round_changes_nothing():
   _, _, (frozen, dataset, table), _ = _algorithm()
   s0 = algorithm.init(trainable, jax.random.key(1))
   _, m = apply(s0, *args)
-  keys = fedavg.round_keys(jax.random.key(1), 0)
+  keys = types.round_keys(jax.random.key(1), 0)
   update = jax.jit(client_lib.make_client_update(
       linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1, batch_size=4,
       max_examples=table.max_examples))
@@ -263,7 +263,7 @@ def test_a_round_where_nobody_reports_keeps_the_model():
 
 def test_an_unknown_schedule_is_a_user_error():
   with pytest.raises(errors.UserError, match=r"schedule='fast': use one of \('packed'"):
-    fedavg.fedavg(linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=8,
+    fedavg_round(linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=8,
                   clients_per_round=2, num_clients=2, schedule='fast')
 
 
@@ -279,7 +279,7 @@ def _reference_deltas(trainable, frozen, dataset, parts, keys, clients, **option
   return deltas
 
 
-@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
 def test_padding_never_reads_another_clients_example(schedule):
   """A NaN in each dataset row in turn: only that row's owner sends a non-finite update;
   every other client's update is what it computes alone on its own examples, so the
@@ -287,16 +287,16 @@ def test_padding_never_reads_another_clients_example(schedule):
   client whose last batch is not full NaN when row 0 was.)"""
   sizes = (5, 7, 3, 0, 6)  # Batch 4: every non-empty client's last batch is padded.
   dataset, parts, trainable, frozen = linear_problem(sizes=sizes)
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   options = dict(num_epochs=2, batch_size=4)
   # All 5 clients a round through 2 lanes: padded chunks end in a lane without a client,
   # and packed lanes run dry while others still train.
-  algorithm = fedavg.fedavg(linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4),
+  algorithm = fedavg_round(linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4),
                             max_examples=table.max_examples, clients_per_round=5,
                             num_clients=5, client_chunk=2, schedule=schedule, **options)
   apply = jax.jit(algorithm.apply)
   state = algorithm.init(trainable, jax.random.key(7))
-  keys = fedavg.round_keys(jax.random.key(7), 0)
+  keys = types.round_keys(jax.random.key(7), 0)
   owner = np.repeat(np.arange(len(sizes)), sizes)
   deltas = _reference_deltas(trainable, frozen, dataset, parts, keys,
                              [c for c in range(5) if sizes[c]], **options)
@@ -328,7 +328,7 @@ def test_a_masked_row_is_zeros_and_never_reaches_the_gradient():
 SERVER_OPTIMIZER_NAMES = server_optimizers.SERVER_OPTIMIZERS
 
 
-@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
 @pytest.mark.parametrize('by_examples', [True, False], ids=['weighted', 'uniform'])
 def test_a_round_of_only_empty_clients_changes_nothing(schedule, by_examples):
   """1 client a round of 2 with examples and 2 without (min_client_size=0): a round whose
@@ -336,9 +336,9 @@ def test_a_round_of_only_empty_clients_changes_nothing(schedule, by_examples):
   state bit for bit, under every server optimizer (FedAvgM's momentum and FedAdam's
   moments would otherwise keep stepping), counts nobody as reported and has no loss."""
   dataset, parts, trainable, frozen = linear_problem(sizes=(0, 7, 0, 5))
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   for name in SERVER_OPTIMIZER_NAMES:
-    algorithm = fedavg.fedavg(
+    algorithm = fedavg_round(
         linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
         max_examples=table.max_examples, clients_per_round=1, num_clients=4,
         aggregator=aggregators.weighted_mean(by_examples),
@@ -366,14 +366,14 @@ def test_a_client_without_examples_does_not_dilute_a_uniform_mean():
   """Uniform weighting: the mean over a cohort of one client with examples and one
   without is the first client's update alone, not half of it."""
   dataset, parts, trainable, frozen = linear_problem(sizes=(6, 0))
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(
       linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
       max_examples=table.max_examples, clients_per_round=2, num_clients=2,
       aggregator=aggregators.weighted_mean(by_examples=False))
   state, m = jax.jit(algorithm.apply)(algorithm.init(trainable, jax.random.key(0)), frozen,
                                       dataset, table)
-  keys = fedavg.round_keys(jax.random.key(0), 0)
+  keys = types.round_keys(jax.random.key(0), 0)
   delta = _reference_deltas(trainable, frozen, dataset, parts, keys, [0], num_epochs=1,
                             batch_size=4)[0]
   assert int(m.num_reported) == 1
@@ -382,13 +382,13 @@ def test_a_client_without_examples_does_not_dilute_a_uniform_mean():
                state.trainable, trainable, delta)
 
 
-@pytest.mark.parametrize('schedule', fedavg.SCHEDULES)
+@pytest.mark.parametrize('schedule', schedules.SCHEDULES)
 def test_under_client_dp_a_client_without_examples_is_not_counted(schedule):
   """DP-FedAvg still releases every round, but a client without examples adds nothing:
   not to the count of reporters, nor to the adaptive clip's count of unclipped updates."""
   dataset, parts, trainable, frozen = linear_problem(sizes=(6, 0))
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(
       linear_loss_fn, client_lib.sgd(0.1, 0.9, 1e-4), num_epochs=1, batch_size=4,
       max_examples=table.max_examples, clients_per_round=2, num_clients=2, schedule=schedule,
       aggregator=aggregators.dp_fedavg(clip_norm=1e3, noise_multiplier=0.0,
@@ -397,7 +397,7 @@ def test_under_client_dp_a_client_without_examples_is_not_counted(schedule):
                                       dataset, table)
   assert int(m.num_reported) == 1
   assert float(m.aggregator['clipped_fraction']) == 0.0
-  keys = fedavg.round_keys(jax.random.key(0), 0)
+  keys = types.round_keys(jax.random.key(0), 0)
   delta = _reference_deltas(trainable, frozen, dataset, parts, keys, [0], num_epochs=1,
                             batch_size=4)[0]
   # The noised sum over the public expected count of 2: one update, halved.

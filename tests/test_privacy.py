@@ -20,9 +20,10 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from fedpeft_jax import validation
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import build
-from fedpeft_jax.federated import aggregators, client as client_lib, fedavg
+from fedpeft_jax.federated import aggregators, client as client_lib, types
 from fedpeft_jax.privacy import accounting, mechanisms
-from tests.conftest import REPO, launch, linear_loss_fn, linear_problem, tiny_config
+from fedpeft_jax.privacy.ledger import PrivacyLedger
+from tests.conftest import REPO, fedavg_round, launch, linear_loss_fn, linear_problem, tiny_config
 from tests.test_launch import _one_error_line
 
 # No subnormals: XLA on CPU flushes them to zero in any arithmetic (x * 1.0 included).
@@ -55,8 +56,8 @@ def test_noise_has_the_configured_stddev():
 
 def _round(aggregator, sampling='fixed', rounds=1, **kw):
   dataset, parts, trainable, frozen = linear_problem()
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(
       linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=1, batch_size=4,
       max_examples=table.max_examples, clients_per_round=3, num_clients=len(parts),
       aggregator=aggregator, sampling=sampling, **kw)
@@ -240,8 +241,8 @@ def test_sample_level_dp_sgd_ignores_nonfinite_and_padded_examples():
 
 def test_a_client_without_examples_under_sample_level_dp():
   dataset, parts, trainable, frozen = linear_problem(sizes=(5, 0, 9))
-  table = fedavg.ClientTable.from_partition(parts)
-  algorithm = fedavg.fedavg(
+  table = types.ClientTable.from_partition(parts)
+  algorithm = fedavg_round(
       linear_loss_fn, optax.sgd(0.1), num_epochs=1, batch_size=4, max_examples=table.max_examples,
       clients_per_round=3, num_clients=3,
       sample_dp=client_lib.SampleDP(clip_norm=1.0, noise_multiplier=1.0))
@@ -423,8 +424,8 @@ def test_a_grown_resume_with_adaptive_clipping_is_checked_against_the_remaining_
   assert fresh < 2 * 5.0
   validation.validate(grown)  # Passes: the fresh calibration leaves the updates a share.
   with pytest.raises(validation.ConfigError) as e:
-    build.privacy_spec(grown, ledger=ledger, calibrated_for_rounds=3,
-                       noise_multiplier=spec.noise_multiplier)
+    build.privacy_spec(grown, ledger=PrivacyLedger(ledger, calibrated_for_rounds=3,
+                                                   noise_multiplier=spec.noise_multiplier))
   message = str(e.value)
   assert message.startswith('--config.fl.rounds=4: ') and '\n' not in message, message
   assert "the 1 round left after the checkpoint's 3 needs noise multiplier" in message
@@ -525,7 +526,7 @@ def _dropout_steps(arg, sampling, seeds, dropout_prob=0.5):
   dataset, parts, trainable, frozen = linear_problem(sizes)
   signal = jnp.asarray(np.random.default_rng(5).normal(size=(6, 3)), jnp.float32)
   dataset['y'] = jnp.argmax(dataset['x'] @ frozen['proj'] @ signal, -1).astype(jnp.int32)
-  table = fedavg.ClientTable.from_partition(parts)
+  table = types.ClientTable.from_partition(parts)
   algorithm = build.build_algorithm(config, None, table.max_examples,
                                     build.privacy_spec(config), linear_loss_fn)
   apply = jax.jit(algorithm.apply)

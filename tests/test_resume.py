@@ -6,13 +6,13 @@ import pytest
 
 from fedpeft_jax import configs
 from fedpeft_jax import resume
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import types
 from fedpeft_jax.federated import server_optimizers
 from tests.conftest import tiny_config
 
 
 def _state(round_index, value):
-  return fedavg.ServerState(
+  return types.ServerState(
       trainable={'w': jnp.full((3,), value, jnp.float32)}, opt_state=(jnp.ones(2),),
       aggregator_state=(), round=jnp.asarray(round_index, jnp.int32),
       rng=jax.random.key(7))
@@ -194,7 +194,7 @@ def test_without_dp_a_forced_resume_may_change_any_key_as_before(tmp_path):
 def _head_state(classes, **fields):
   trainable = {'head': {'kernel': jnp.zeros((4, classes)), 'bias': jnp.zeros((classes,))},
                'w': jnp.ones((3,))}
-  return fedavg.ServerState(trainable=trainable, opt_state=(), aggregator_state=(),
+  return types.ServerState(trainable=trainable, opt_state=(), aggregator_state=(),
                             round=jnp.asarray(2, jnp.int32), rng=jax.random.key(1), **fields)
 
 
@@ -216,7 +216,7 @@ def test_a_state_of_another_tree_or_dtype_is_refused_naming_the_first_paths(tmp_
   checkpointer.save(_head_state(3), {}, tiny_config())
   # As SCAFFOLD (variates), FedAdam (opt_state), adaptive clipping (aggregator_state) and
   # another dtype of `w` would build it.
-  template = _head_state(3, variates={'c': {'w': jnp.zeros((8, 3))}})
+  template = _head_state(3, algorithm_state={'c': {'w': jnp.zeros((8, 3))}})
   template = template._replace(
       opt_state=({'mu': {'w': jnp.zeros(3)}, 'nu': {'w': jnp.zeros(3)}},),
       aggregator_state={'clip_norm': jnp.zeros(())},
@@ -225,9 +225,14 @@ def test_a_state_of_another_tree_or_dtype_is_refused_naming_the_first_paths(tmp_
     checkpointer.restore_state(2, template)
   message = str(e.value)
   assert 'opt_state/0/mu/w: now ((3,) float32), not in the checkpoint' in message
-  assert 'trainable/w: checkpoint (3,) float32 vs now (3,) bfloat16' in message
+  assert 'algorithm_state/c/w: now ((8, 3) float32), not in the checkpoint' in message
   assert 'aggregator_state/clip_norm: now (() float32)' in message
-  assert 'variates' not in message and 'and 1 more' in message  # Four named, one counted.
+  # Four named in path order, the fifth counted.
+  assert 'trainable/w' not in message and 'and 1 more' in message
+  with pytest.raises(resume.ResumeError,
+                     match=r'trainable/w: checkpoint \(3,\) float32 vs now \(3,\) bfloat16'):
+    checkpointer.restore_state(2, _head_state(3)._replace(
+        trainable={**template.trainable, 'w': jnp.ones((3,), jnp.bfloat16)}))
   smaller = _head_state(3)._replace(trainable={'w': jnp.ones((3,))})  # Another PEFT method.
   with pytest.raises(resume.ResumeError,
                      match=r'trainable/head/bias: in the checkpoint \(\(3,\) float32\), not now'):
@@ -249,3 +254,20 @@ def test_every_server_optimizers_state_restores_and_another_ones_is_named(tmp_pa
   other = 'momentum' if name == 'sgd' else 'sgd'
   with pytest.raises(resume.ResumeError, match=r'opt_state/0/\w+/w: '):
     checkpointer.restore_state(2, state(other))
+
+
+def test_a_checkpoint_written_before_the_generic_algorithm_state_restores(tmp_path):
+  """Checkpoints from before issue 20 name SCAFFOLD's variates `variates`: they restore
+  into `algorithm_state`, values intact."""
+  config = tiny_config()
+  variates = {'w': jnp.arange(6.0).reshape(2, 3)}
+  old = resume.LegacyServerState({'w': jnp.ones(3)}, (), (), jnp.asarray(2, jnp.int32),
+                                 jax.random.key(4), variates)
+  checkpointer = resume.RunCheckpointer(str(tmp_path), keep=2)
+  checkpointer.save(old, {}, config)
+  template = types.ServerState({'w': jnp.zeros(3)}, (), (), jnp.asarray(0, jnp.int32),
+                               jax.random.key(0), {'w': jnp.zeros((2, 3))})
+  restored = checkpointer.restore_state(2, template)
+  np.testing.assert_array_equal(restored.algorithm_state['w'], variates['w'])
+  np.testing.assert_array_equal(restored.trainable['w'], np.ones(3))
+  assert int(restored.round) == 2

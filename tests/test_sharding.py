@@ -10,19 +10,19 @@ SCRIPT = textwrap.dedent('''
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
     import jax, numpy as np
     from jax.sharding import Mesh
-    from fedpeft_jax.federated import aggregators, client as client_lib, fedavg
-    from tests.conftest import linear_loss_fn, linear_problem
+    from fedpeft_jax.federated import aggregators, client as client_lib, types
+    from tests.conftest import Scaffold, fedavg_round, linear_loss_fn, linear_problem
 
     assert len(jax.devices()) == 8
     dataset, parts, trainable, frozen = linear_problem(sizes=tuple(range(5, 21)))
-    table = fedavg.ClientTable.from_partition(parts)
+    table = types.ClientTable.from_partition(parts)
     results = []
     settings = [{}, {'aggregator': aggregators.dp_fedavg(clip_norm=0.1, noise_multiplier=1.0,
                                                          expected_clients=8)},
-                {'scaffold': fedavg.Scaffold(0.1)}]
+                {'scaffold': Scaffold(0.1)}]
     for mesh in (None, Mesh(np.array(jax.devices()), ('clients',))):
       for setting in settings:
-        algorithm = fedavg.fedavg(
+        algorithm = fedavg_round(
             linear_loss_fn, client_lib.sgd(0.1, 0.9, 0.0), num_epochs=2, batch_size=4,
             max_examples=table.max_examples, clients_per_round=8, num_clients=len(parts),
             mesh=mesh, **setting)

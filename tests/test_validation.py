@@ -7,6 +7,7 @@ import pytest
 from fedpeft_jax import configs, validation
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import build
+from fedpeft_jax.federated import algorithms
 from tests.conftest import REPO, launch, tiny_config
 from tests.test_launch import _one_error_line
 
@@ -25,13 +26,13 @@ from tests.test_launch import _one_error_line
     ('model.image_size', 18, 'must be divisible by the patch size 4'),
     ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),
     ('model.posemb_resample', 'bilinear', 'must be one of zoom, bicubic'),
-    ('data.partition', 'pathological', 'must be one of iid, dirichlet, shards, quantity, natural'),
+    ('data.partition', 'pathological', 'must be one of dirichlet, iid, natural, quantity, shards'),
     ('data.shards_per_client', 0, 'must be >= 1'),
     ('fl.dropout_prob', 1.0, 'must be in [0, 1)'),
     ('fl.schedule', 'fast', 'must be one of packed, padded'),
     ('fl.prox_mu', -0.01, 'must be >= 0'),
-    ('fl.algorithm', 'fednova', 'must be one of fedavg, scaffold'),
-    ('fl.server_optimizer', 'adamw', 'must be one of sgd, momentum, adam, yogi, adagrad'),
+    ('fl.algorithm', 'fedova', 'must be one of fedavg, fednova, fedprox, scaffold'),
+    ('fl.server_optimizer', 'adamw', 'must be one of adagrad, adam, momentum, sgd, yogi'),
     ('fl.server_lr', 0.0, 'must be > 0'),
     ('fl.server_b2', 1.0, 'must be in [0, 1)'),
     ('fl.server_eps', 0.0, 'must be > 0'),
@@ -49,14 +50,29 @@ def test_every_bad_value_is_named_with_what_is_allowed(key, value, needle):
   assert needle in str(e.value)
 
 
-def test_scaffold_under_client_level_dp_is_refused_with_the_way_out():
+@pytest.mark.parametrize('name', [n for n, spec in algorithms.ALGORITHMS.items()
+                                  if 'client' not in spec.dp_modes])
+def test_an_algorithm_under_a_dp_mode_it_does_not_support_is_refused_with_the_way_out(name):
+  """SCAFFOLD's variates and FedNova's step counts are per-client releases that
+  client-level DP does not clip, noise or account: each declares so, validation refuses."""
   config = tiny_config('bias,dp=client')
-  config.fl.algorithm = 'scaffold'
+  config.fl.algorithm = name
   with pytest.raises(validation.ConfigError) as e:
     validation.validate(config)
-  assert str(e.value).startswith("--config.fl.algorithm='scaffold': ")
-  assert "use dp.mode='sample' or 'none', or fl.algorithm='fedavg'" in str(e.value)
+  assert str(e.value).startswith(f"--config.fl.algorithm={name!r}: ")
+  assert "supports dp.mode 'none', 'sample' only (not 'client')" in str(e.value)
+  assert "or use fl.algorithm='fedavg'" in str(e.value)
   config.dp.mode = 'sample'
+  validation.validate(config)
+
+
+def test_fedprox_without_a_proximal_term_is_refused():
+  config = tiny_config()
+  config.fl.algorithm = 'fedprox'
+  with pytest.raises(validation.ConfigError, match=r"^--config.fl.prox_mu=0.0: "
+                     r"fl.algorithm=fedprox needs fl.prox_mu > 0"):
+    validation.validate(config)
+  config.fl.prox_mu = 0.01
   validation.validate(config)
 
 

@@ -24,12 +24,18 @@ from fedpeft_jax.data import preprocess
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import console
 from fedpeft_jax.federated import aggregators
+from fedpeft_jax.federated import algorithms
+from fedpeft_jax.federated import chunking
 from fedpeft_jax.federated import client as client_lib
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated import server_optimizers
+from fedpeft_jax.federated import types as fl_types
+from fedpeft_jax.federated.aggregators import dp_fedavg as dp_fedavg_lib
+from fedpeft_jax.federated.algorithms import fedprox
 from fedpeft_jax.model import checkpoint as checkpoint_lib
 from fedpeft_jax.model import vit
 from fedpeft_jax.privacy import accounting
+from fedpeft_jax.privacy.ledger import PrivacyLedger
 
 PyTree = Any
 
@@ -79,6 +85,7 @@ def load_data(config, split: str, class_names=None) -> sources.Dataset:
   d = config.data
   with validation.config_keys(config, source='data.source'):
     source = sources.SOURCES.get(d.source)
+  clients = partition_spec(config).needs_client_ids  # Each example's client id (natural).
   is_train = split == d.train_split
   num_examples = d.num_train_examples if is_train else d.num_test_examples
   # Made images (synthetic) are made at the model's size unless told otherwise.
@@ -91,27 +98,29 @@ def load_data(config, split: str, class_names=None) -> sources.Dataset:
   with validation.config_keys(config, **keys), console.phase(f'loading {split!r} data'):
     return sources.load(
         d.source, split=split, image_size=image_size, num_classes=d.num_classes,
-        num_examples=num_examples, seed=config.seed, clients=d.partition == 'natural',
+        num_examples=num_examples, seed=config.seed, clients=clients,
         class_names=class_names, **source.options(config))
 
 
+def partition_spec(config) -> partition_lib.PartitionSpec:
+  """The registered partition `data.partition` names (`partition_lib.PARTITIONS`)."""
+  with validation.config_keys(config, method='data.partition'):
+    return partition_lib.PARTITIONS.get(config.data.partition)
+
+
 def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
+  """The training split and one sorted index array per client, split by `data.partition`
+  with its own options read from the config keys its entry declares; a partition's error
+  about one of them, or about num_clients, names the `--config.` key."""
   d = config.data
+  spec = partition_spec(config)
   train_set = load_data(config, d.train_split)
-  with validation.config_keys(config, alpha='data.alpha', min_size='data.min_client_size',
-                              num_clients='fl.num_clients',
-                              shards_per_client='data.shards_per_client'):
+  keys = {argument: option.key for argument, option in spec.options.items()}
+  with validation.config_keys(config, num_clients='fl.num_clients', **keys):
     client_indices = partition_lib.partition(
         train_set.labels, method=d.partition, num_clients=config.fl.num_clients,
-        seed=config.seed, alpha=d.alpha, min_size=d.min_client_size,
-        shards_per_client=d.shards_per_client, client_ids=train_set.client_ids)
+        seed=config.seed, client_ids=train_set.client_ids, **spec.read_options(config))
   return train_set, client_indices
-
-
-# The config keys each partition method depends on; `natural` depends on the data alone.
-PARTITION_KEYS = {'iid': ('seed',), 'dirichlet': ('seed', 'data.alpha', 'data.min_client_size'),
-                  'shards': ('seed', 'data.shards_per_client'),
-                  'quantity': ('seed', 'data.alpha', 'data.min_client_size'), 'natural': ()}
 
 
 def describe_partition(config, train_set: sources.Dataset,
@@ -123,9 +132,9 @@ def describe_partition(config, train_set: sources.Dataset,
   `num_clients` is recorded: sizes, histograms and ids are computed from the clients' data
   without noise, outside what epsilon covers.
   """
-  method = config.data.partition
+  method, spec = config.data.partition, partition_spec(config)
   flat = configs.flat_config(config)
-  described = {'method': method, 'args': {key: flat[key] for key in PARTITION_KEYS[method]},
+  described = {'method': method, 'args': {key: flat[key] for key in spec.recorded_keys()},
                'class_names': list(train_set.class_names)}
   if config.dp.mode != 'none':
     return {**described, 'num_clients': len(client_indices)}
@@ -133,7 +142,7 @@ def describe_partition(config, train_set: sources.Dataset,
                                               train_set.num_classes)
   clients = [{'size': len(ids), 'label_histogram': counts.tolist()}
              for ids, counts in zip(client_indices, histograms)]
-  if method == 'natural':
+  if spec.needs_client_ids:  # Client k holds the k-th of the data's sorted client ids.
     for client, name in zip(clients, partition_lib.client_names(train_set.client_ids).tolist()):
       client['id'] = name
   return {**described, 'clients': clients}
@@ -196,16 +205,15 @@ def make_evaluate(model, image_size: int, batch_size: int):
   return evaluate, pad
 
 
-def privacy_spec(config, client_sizes=(), ledger=None,
-                 calibrated_for_rounds: int | None = None,
-                 noise_multiplier: float | None = None) -> accounting.PrivacySpec | None:
+def privacy_spec(config, client_sizes=(), ledger: PrivacyLedger | None = None
+                 ) -> accounting.PrivacySpec | None:
   """The run's privacy mechanism; its noise calibrated if a target epsilon is set.
 
-  A resumed run passes the ledger of the rounds it ran and the noise they used:
-  with `fl.rounds` unchanged the noise stays exactly as it was; grown under a
-  target epsilon, only the remaining rounds' noise is calibrated, so the whole
-  ledger meets the target (and, with adaptive clipping, must leave the updates a
-  share of it: a ConfigError naming fl.rounds otherwise).
+  A resumed run passes its `ledger` (the rounds it ran and the noise they used,
+  `PrivacyLedger.calibrate`): with `fl.rounds` unchanged the noise stays exactly as it
+  was; grown under a target epsilon, only the remaining rounds' noise is calibrated, so
+  the whole ledger meets the target (and, with adaptive clipping, must leave the updates
+  a share of it: a ConfigError naming fl.rounds otherwise).
 
   Raises ConfigError naming `dp.delta` unless it is below one over the clients (client
   level) or over all `client_sizes` together (sample level): `accounting.check_delta`.
@@ -223,13 +231,11 @@ def privacy_spec(config, client_sizes=(), ledger=None,
     accounting.check_delta(spec)
     if dp.target_epsilon is None:
       return spec
-    if ledger and calibrated_for_rounds == fl.rounds:
-      z = noise_multiplier
-    elif ledger:
-      z = accounting.calibrate_remaining(ledger, spec, dp.target_epsilon, fl.rounds - len(ledger))
-      validation.check_remaining_adaptive_noise(config, spec, ledger, calibrated_for_rounds, z)
-    else:
-      z = accounting.calibrate_noise(spec, dp.target_epsilon)
+    ledger = PrivacyLedger() if ledger is None else ledger
+    z = ledger.calibrate(spec, dp.target_epsilon)
+    if ledger.grown(spec):
+      validation.check_remaining_adaptive_noise(config, spec, ledger.records,
+                                                ledger.calibrated_for_rounds, z)
   return dataclasses.replace(spec, noise_multiplier=z)
 
 
@@ -256,46 +262,49 @@ def replicate_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
 
 
 def expected_reporters(config) -> float:
-  """The expected number of clients that report a round: fl.clients_per_round sampled (the
-  expected cohort under Poisson sampling too), each dropping out with fl.dropout_prob.
+  """See `aggregators.dp_fedavg.expected_reporters`."""
+  return dp_fedavg_lib.expected_reporters(config)
 
-  DP-FedAvg divides its noised sum by this, so the mean step is the survivors' mean in
-  expectation (dividing by fl.clients_per_round would shrink every update by
-  1 - fl.dropout_prob). It is computed from public config values only: no privacy cost.
-  """
-  return config.fl.clients_per_round * (1.0 - config.fl.dropout_prob)
+
+def aggregator_name(config) -> str:
+  """The registered aggregator a config asks for: 'dp_fedavg' under client DP, else
+  `fl.aggregation` ('auto' weights clients by example count)."""
+  return 'dp_fedavg' if config.dp.mode == 'client' else validation.aggregation(config)
+
+
+def build_aggregator(config, privacy: accounting.PrivacySpec | None) -> aggregators.Aggregator:
+  spec = aggregators.AGGREGATORS.get(aggregator_name(config))
+  with validation.config_keys(config, clipped_count_stddev='dp.clipped_count_stddev'):
+    return spec.make(**spec.arguments(config, privacy))
+
+
+def build_federated_algorithm(config) -> algorithms.Algorithm:
+  """`fl.algorithm` from the registry, with FedProx's proximal term when fl.prox_mu > 0."""
+  with validation.config_keys(config, name='fl.algorithm'):
+    spec = algorithms.ALGORITHMS.get(config.fl.algorithm)
+  with validation.config_keys(config, prox_mu='fl.prox_mu'):
+    return fedprox.with_proximal_term(spec.make(**spec.arguments(config)), config.fl.prox_mu)
 
 
 def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
-                    loss_fn=None, client_chunk: int | None = None) -> fedavg.FederatedAlgorithm:
+                    loss_fn=None, client_chunk: int | None = None) -> round_lib.FederatedRound:
+  """The run's federated round: local training, cohort, algorithm, aggregator and server
+  optimizer, each from its config keys."""
   fl, o, dp = config.fl, config.optim, config.dp
-  aggregator = aggregators.weighted_mean(
-      by_examples=validation.aggregation(config) == 'weighted')
-  sample_dp, sampling = None, 'fixed'
-  if dp.mode == 'client':
-    sampling = dp.sampling
-    with validation.config_keys(config, clipped_count_stddev='dp.clipped_count_stddev'):
-      aggregator = aggregators.dp_fedavg(
-          clip_norm=dp.clip_norm, noise_multiplier=privacy.noise_multiplier,
-          expected_clients=expected_reporters(config), adaptive=dp.adaptive_clip,
-          target_quantile=dp.target_quantile, clip_learning_rate=dp.clip_lr,
-          clipped_count_stddev=validation.clipped_count_stddev(config))
-  elif dp.mode == 'sample':
-    sample_dp = client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
-  # Option II reads the average gradient off the update as (x - y) / (K * lr), for plain
-  # SGD; momentum SGD steps lr / (1 - momentum) per gradient once its momentum builds up.
-  scaffold = fedavg.Scaffold(o.lr / (1 - o.momentum)) if fl.algorithm == 'scaffold' else None
-  with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule',
-                              prox_mu='fl.prox_mu'):
-    return fedavg.fedavg(
+  sample_dp = (client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
+               if dp.mode == 'sample' else None)
+  with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule'):
+    return round_lib.make_round(
         loss_fn or make_loss_fn(model, config.model.image_size),
         client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
-        num_epochs=fl.local_epochs, batch_size=fl.batch_size, max_examples=max_examples,
-        clients_per_round=fl.clients_per_round, num_clients=fl.num_clients,
-        client_chunk=client_chunk or fl.client_chunk or None, sampling=sampling,
-        dropout_prob=fl.dropout_prob, aggregator=aggregator,
-        server_optimizer=server_optimizer(config), sample_dp=sample_dp,
-        mesh=client_mesh(config), schedule=fl.schedule, prox_mu=fl.prox_mu, scaffold=scaffold)
+        client_lib.LocalSpec(fl.local_epochs, fl.batch_size, max_examples, sample_dp),
+        round_lib.Cohort(fl.clients_per_round, fl.num_clients,
+                         dp.sampling if dp.mode == 'client' else 'fixed', fl.dropout_prob),
+        algorithm=build_federated_algorithm(config),
+        aggregator=build_aggregator(config, privacy),
+        server_optimizer=server_optimizer(config),
+        execution=round_lib.Execution(fl.schedule, client_chunk or fl.client_chunk or None,
+                                      client_mesh(config)))
 
 
 def server_optimizer(config) -> optax.GradientTransformation:
@@ -324,7 +333,7 @@ def auto_client_chunk(config, build, state, args) -> int | None:
               config.dp.sampling == 'poisson' else config.fl.clients_per_round)
   available = 0.8 * (stats['bytes_limit'] - analysis.argument_size_in_bytes)
   with validation.config_keys(config, client_chunk='fl.client_chunk'):
-    chunk = fedavg.chunk_for_memory(capacity, int(per_client), int(available * devices),
+    chunk = chunking.chunk_for_memory(capacity, int(per_client), int(available * devices),
                                     devices)
   console.say(f'fl.client_chunk=0: {chunk} clients at once ({per_client / 2**30:.2f} GiB '
               f'each, {available / 2**30:.1f} GiB free)')
@@ -336,18 +345,18 @@ class Experiment:
   """Everything a run needs, built from its config; the loop sees only `state` and `round`."""
   config: ml_collections.ConfigDict
   model: vit.VisionTransformer
-  algorithm: fedavg.FederatedAlgorithm
-  state: fedavg.ServerState  # The initial server state (before any resume).
+  algorithm: round_lib.FederatedRound
+  state: fl_types.ServerState  # The initial server state (before any resume).
   frozen: PyTree  # The only copy of the backbone.
   dataset: dict  # Every client's examples, on device; clients index into it.
-  table: fedavg.ClientTable
+  table: fl_types.ClientTable
   client_sizes: list[int]
   num_trainable: int
   privacy: accounting.PrivacySpec | None
   evaluate: Callable[[PyTree], float]  # Global trainable parameters -> test accuracy.
   partition: dict  # What partition.json records (`describe_partition`).
 
-  def compile_round(self, state: fedavg.ServerState):
+  def compile_round(self, state: fl_types.ServerState):
     """The round as one compiled function of the server state, compiled now, not in round 1."""
     args = (self.frozen, self.dataset, self.table)
     with console.phase('compiling the round'):
@@ -355,23 +364,23 @@ class Experiment:
     return lambda s: compiled(s, *args)
 
 
-def build(config, privacy_state: dict | None = None) -> Experiment:
+def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   """Builds a run's experiment from its (validated) config: data, model, algorithm.
 
-  `privacy_state`: a resumed run's `callbacks.Privacy` state (its ledger), so the
-  noise of the remaining rounds is what the ledger allows.
+  `ledger`: a resumed DP run's privacy ledger (`callbacks.restore_ledger`), so the noise
+  of the remaining rounds is what the ledger allows.
   """
   init_rng, run_rng = jax.random.split(jax.random.key(config.seed))
   privacy = None
   if config.dp.mode == 'client':  # Needs no data: a noise it cannot use fails before loading.
-    privacy = privacy_spec(config, **(privacy_state or {}))
+    privacy = privacy_spec(config, ledger=ledger)
   train_set, client_indices = load_partition(config)
   test_set = load_data(config, config.data.test_split, class_names=train_set.class_names)
   client_sizes = [len(ids) for ids in client_indices]
   partition = describe_partition(config, train_set, client_indices)
   if config.dp.mode == 'sample':  # Its guarantee depends on every client's size.
-    privacy = privacy_spec(config, client_sizes, **(privacy_state or {}))
-  table = fedavg.ClientTable.from_partition(client_indices)
+    privacy = privacy_spec(config, client_sizes, ledger)
+  table = fl_types.ClientTable.from_partition(client_indices)
   dataset = {'image': train_set.images, 'label': train_set.labels}
 
   model = build_model(config)

@@ -111,8 +111,10 @@ def make_round(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTrans
                              jnp.zeros((), jnp.int32), rng,
                              algorithm.init(trainable, cohort.num_clients))
 
-  return FederatedRound(init, lambda state, frozen, dataset, table: _apply(
-      parts, state, frozen, dataset, table))
+  def apply(state, frozen, dataset, table):
+    return _apply(parts, state, frozen, dataset, table)
+
+  return FederatedRound(init, apply)
 
 
 class _RoundParts(NamedTuple):
