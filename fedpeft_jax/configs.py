@@ -8,6 +8,7 @@ from ml_collections import config_dict
 
 from fedpeft_jax import errors
 from fedpeft_jax import peft
+from fedpeft_jax.data import partition
 
 # Each method's default client learning rate, as its PEFT_METHODS entry declares it (the
 # paper's configs'): a read-only view for reports and tests.
@@ -125,11 +126,13 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.data.num_train_examples = config_dict.placeholder(int)
   c.data.num_test_examples = config_dict.placeholder(int)
   # 'iid', 'dirichlet' (label skew), 'shards' (label skew, McMahan et al.), 'quantity'
-  # (size skew) or 'natural' (the clients the data names).
+  # (size skew) or 'natural' (the clients the data names): fedpeft_jax/data/partition/.
   c.data.partition = 'dirichlet'
-  c.data.alpha = 0.1  # Dirichlet concentration: of labels (dirichlet), of sizes (quantity).
-  c.data.min_client_size = 10  # dirichlet and quantity.
-  c.data.shards_per_client = 2  # shards.
+  # Every registered partition's options with their defaults (`PartitionSpec.options`):
+  # alpha 0.1 (Dirichlet concentration: of labels for dirichlet, of sizes for quantity),
+  # min_client_size 10 (dirichlet and quantity), shards_per_client 2 (shards), ...
+  for key, value in partition.option_defaults().items():
+    c.data[key.removeprefix('data.')] = value
   c.data.client_feature = ''  # natural on TFDS data: the feature holding the client id.
 
   c.fl = ml_collections.ConfigDict()

@@ -1,9 +1,12 @@
-"""fedpeft_jax.data.partition: IID, Dirichlet, shards, quantity and natural client splits."""
+"""fedpeft_jax.data.partition: IID, Dirichlet, shards, quantity and natural client splits,
+and the contract every registered partition keeps."""
 import numpy as np
 import pytest
 
-from fedpeft_jax import errors
+from fedpeft_jax import configs, errors, validation
 from fedpeft_jax.data import partition
+from fedpeft_jax.data.partition import PARTITIONS
+from tests.conftest import tiny_config
 
 
 def _labels(n=2000, num_classes=10, seed=0):
@@ -85,8 +88,12 @@ def test_partition_errors():
     partition.dirichlet(labels, num_clients=2, alpha=0, seed=0)
   with pytest.raises(ValueError, match='num_clients must be >= 1, got 0'):
     partition.iid(labels, num_clients=0, seed=0)
-  with pytest.raises(ValueError, match="'pathological'.*iid.*dirichlet.*shards.*quantity"):
+  with pytest.raises(errors.UserError,
+                     match="'pathological'.*dirichlet.*iid.*natural.*quantity.*shards") as e:
     partition.partition(labels, method='pathological', num_clients=2, seed=0)
+  assert e.value.argument == 'method'
+  with pytest.raises(TypeError, match=r"no registered partition takes \['shard_per_client'\]"):
+    partition.partition(labels, method='shards', num_clients=2, seed=0, shard_per_client=3)
 
 
 # Shards (McMahan et al. 2017).
@@ -207,3 +214,108 @@ def test_label_histograms():
   histograms = partition.label_histograms(labels, [np.array([0, 1, 2]), np.array([3, 4, 5])],
                                           num_classes=4)
   assert histograms.tolist() == [[1, 0, 2, 0], [1, 1, 1, 0]]
+
+
+# The contract every registered partition keeps (cf. optax's transform_test): on 240
+# examples of 4 classes, or for partitions that split by the data's client ids, 6 named
+# clients of uneven sizes.
+_CONTRACT_LABELS = np.random.default_rng(5).permutation(np.repeat(np.arange(4), 60))
+_CONTRACT_IDS = np.random.default_rng(6).choice(['ann', 'ben', 'cy', 'dee', 'eve', 'flo'],
+                                                240, p=[0.3, 0.25, 0.15, 0.1, 0.1, 0.1])
+
+
+def _contract_split(name, seed, client_ids=_CONTRACT_IDS):
+  spec = PARTITIONS.get(name)
+  options = {argument: option.default for argument, option in spec.options.items()}
+  num_clients = len(np.unique(_CONTRACT_IDS)) if spec.needs_client_ids else 4
+  return partition.partition(_CONTRACT_LABELS, method=name, num_clients=num_clients,
+                             seed=seed, client_ids=client_ids, **options), options
+
+
+@pytest.mark.parametrize('name', PARTITIONS.names())
+def test_every_partition_keeps_the_contract(name):
+  spec = PARTITIONS.get(name)
+  parts, options = _contract_split(name, seed=0)
+  assert all(p.ndim == 1 and p.dtype == np.int64 and np.array_equal(p, np.sort(p))
+             for p in parts)
+  held = np.concatenate(parts)
+  assert len(held) == len(np.unique(held))  # Disjoint: every example at most once.
+  if spec.needs_client_ids:
+    # Every example of a kept client, and a client of the data on one client only.
+    kept = np.isin(_CONTRACT_IDS, np.unique(_CONTRACT_IDS[held]))
+    np.testing.assert_array_equal(np.sort(held), np.flatnonzero(kept))
+    assert len({c for p in parts for c in np.unique(_CONTRACT_IDS[p])}) == sum(
+        len(np.unique(_CONTRACT_IDS[p])) for p in parts)
+    assert len(parts) == len(np.unique(_CONTRACT_IDS))  # natural keeps every named client.
+    with pytest.raises(errors.UserError, match='needs client_ids') as e:
+      _contract_split(name, seed=0, client_ids=None)
+    assert e.value.argument == 'client_ids'
+  else:
+    np.testing.assert_array_equal(np.sort(held), np.arange(240))  # Every example, once.
+    assert len(parts) == 4  # As many clients as asked for.
+    # The data's client ids, when it has them, change nothing.
+    assert all(np.array_equal(a, b)
+               for a, b in zip(parts, _contract_split(name, seed=0, client_ids=None)[0]))
+  floor, keys = spec.client_floor(options)
+  assert min(len(p) for p in parts) >= floor >= 0
+  assert set(keys) <= {option.key for option in spec.options.values()}
+  # The same split for the same seed; another for another seed, where seeded.
+  again = _contract_split(name, seed=0)[0]
+  other = _contract_split(name, seed=1)[0]
+  assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+  assert spec.seeded == any(not np.array_equal(a, b) for a, b in zip(parts, other))
+  # partition.json's args: 'seed' where seeded, then keys every config holds.
+  flat = configs.flat_config(configs.base_config())
+  assert (spec.recorded_keys()[:1] == ('seed',)) == spec.seeded
+  assert all(key in flat for key in spec.recorded_keys())
+
+
+@pytest.mark.parametrize('name', PARTITIONS.names())
+def test_every_partition_option_is_in_the_config_at_its_declared_default(name):
+  """The config's defaults are the entries' declarations; a default passes its own check,
+  and every partition that reads a key declares it alike."""
+  flat = configs.flat_config(configs.base_config())
+  for option in PARTITIONS.get(name).options.values():
+    assert option.key.startswith('data.')
+    assert flat[option.key] == option.default and type(flat[option.key]) is type(
+        option.default)
+    assert option.check(option.default) is None
+    for _, other in PARTITIONS.items():
+      assert all(o == option for o in other.options.values() if o.key == option.key)
+  # What partition.json recorded before the registry, for the partitions of then.
+  before = {'iid': ('seed',), 'dirichlet': ('seed', 'data.alpha', 'data.min_client_size'),
+            'shards': ('seed', 'data.shards_per_client'),
+            'quantity': ('seed', 'data.alpha', 'data.min_client_size'), 'natural': ()}
+  if name in before:
+    assert PARTITIONS.get(name).recorded_keys() == before[name]
+
+
+def test_the_config_holds_the_partition_defaults_it_held_before_the_registry():
+  flat, declared = configs.flat_config(configs.base_config()), partition.option_defaults()
+  for key, default in {'data.alpha': 0.1, 'data.min_client_size': 10,
+                       'data.shards_per_client': 2}.items():
+    assert flat[key] == declared[key] == default
+
+
+@pytest.mark.parametrize('name', PARTITIONS.names())
+def test_the_sample_level_delta_floor_is_the_declared_minimum_client_size(name):
+  """Without data.num_train_examples, delta must be below one over fl.num_clients times
+  the fewest examples the partition gives a client (none known: any delta below 1)."""
+  config = tiny_config('bias,dp=sample')
+  config.data.source, config.data.num_train_examples = 'folder', None  # Names clients.
+  config.data.partition = name
+  spec = PARTITIONS.get(name)
+  floor = config.fl.num_clients * spec.client_floor(spec.read_options(config))[0]
+  expected = {'iid': 0, 'dirichlet': 8 * 10, 'quantity': 8 * 10, 'shards': 8 * 2,
+              'natural': 8 * 1}
+  if name in expected:
+    assert floor == expected[name]
+  if floor == 0:
+    config.dp.delta = 0.99
+    validation.validate(config, needs_data=False)
+    return
+  config.dp.delta = 1.0 / floor
+  with pytest.raises(validation.ConfigError, match=rf'must be below 1/{floor} .*at least'):
+    validation.validate(config, needs_data=False)
+  config.dp.delta = 0.99 / floor
+  validation.validate(config, needs_data=False)

@@ -15,6 +15,7 @@ import tarfile
 import numpy as np
 import PIL.Image
 
+from fedpeft_jax.data.partition import PARTITIONS
 from fedpeft_jax.data.sources import SOURCES
 from fedpeft_jax.data.sources.base import (DataError, Dataset, Request, SourceSpec, finish,
                                            label_map, progress, stack, to_rgb_array)
@@ -149,7 +150,7 @@ def _scan_archive(path: str, split: str, depth: int):
 
 
 def _check(config, needs_data: bool):
-  path, natural = config.data.path, config.data.partition == 'natural'
+  path, natural = config.data.path, PARTITIONS.get(config.data.partition).needs_client_ids
   if needs_data and not (path and os.path.exists(path)):
     return 'data.path', ('no such folder or archive: give a directory or .tar.gz laid out '
                          f'as split/{"client/" if natural else ""}class/*.jpg')

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 
 from fedpeft_jax import errors
+from fedpeft_jax.data.partition import PARTITIONS
 from fedpeft_jax.data.sources import SOURCES
 from fedpeft_jax.data.sources.base import (DataError, Dataset, Request, SourceSpec, finish,
                                            label_map, progress, relabel, stack,
@@ -138,8 +139,8 @@ def _plain(value):
 
 
 def _check(config, needs_data: bool):
-  """data.name names a TFDS builder, and under the natural partition data.client_feature
-  one of its features; only `needs_data` (importing TFDS is slow)."""
+  """data.name names a TFDS builder, and under a partition by the data's clients (natural)
+  data.client_feature one of its features; only `needs_data` (importing TFDS is slow)."""
   d = config.data
   if not needs_data:
     return None
@@ -150,7 +151,7 @@ def _check(config, needs_data: bool):
   except Exception:  # tfds raises several types for unknown names.  pylint: disable=broad-except
     return 'data.name', ('is not a TFDS dataset name (e.g. cifar100, resisc45, '
                          'patch_camelyon; see tfds.list_builders())')
-  if d.partition == 'natural':  # The dataset's description, not its data.
+  if PARTITIONS.get(d.partition).needs_client_ids:  # The dataset's description, not its data.
     features = tfds.builder(d.name, data_dir=d.data_dir).info.features
     try:
       check_client_feature(d.name, d.client_feature, features)
