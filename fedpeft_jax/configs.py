@@ -87,10 +87,16 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   `option_defaults` are a config file's own defaults for the argument's options.
   """
   method, options = parse_arg(arg, **option_defaults)
-  dp_mode = options['dp']
   c = ml_collections.ConfigDict()
   c.seed = 0
+  _model_and_peft(c, method)
+  _data(c)
+  _federated(c, arg, options)
+  _training_and_privacy(c, method, options['dp'])
+  return c
 
+
+def _model_and_peft(c, method: str) -> None:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_b16'
   c.model.checkpoint = ''  # '' trains from random initialisation.
@@ -111,6 +117,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   for key, value in peft.option_defaults().items():
     c.peft[key] = value
 
+
+def _data(c) -> None:
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # 'tfds', 'folder' or 'synthetic'.
   c.data.name = 'cifar100'  # TFDS name.
@@ -135,6 +143,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
     c.data[key.removeprefix('data.')] = value
   c.data.client_feature = ''  # natural on TFDS data: the feature holding the client id.
 
+
+def _federated(c, arg: str, options: dict) -> None:
   c.fl = ml_collections.ConfigDict()
   try:
     c.fl.num_clients = int(options['clients'])
@@ -152,9 +162,11 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   # the clients still training; 'padded': every client of a chunk computes as many steps
   # as its largest. Same result; packed computes (nearly) only real examples.
   c.fl.schedule = 'packed'
-  # 'fedavg', or 'scaffold' (control variates, Karimireddy et al. 2020, option II).
+  # A registered federated algorithm (fedpeft_jax/federated/algorithms/): 'fedavg',
+  # 'fedprox', 'scaffold' (control variates, option II), 'fednova', ...
   c.fl.algorithm = 'fedavg'
-  c.fl.prox_mu = 0.0  # FedProx: (mu / 2) ||w - w_global||^2 in every local step; 0: off.
+  # FedProx: (mu / 2) ||w - w_global||^2 in every local step, under any algorithm; 0: off.
+  c.fl.prox_mu = 0.0
   # On the average update (Reddi et al. 2021): 'sgd' (FedAvg), 'momentum' (FedAvgM),
   # 'adam', 'yogi', 'adagrad' (FedAdam, FedYogi, FedAdagrad).
   c.fl.server_optimizer = 'sgd'
@@ -169,6 +181,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.
   c.fl.shard_clients = True  # Spread each chunk of clients over all devices.
 
+
+def _training_and_privacy(c, method: str, dp_mode: str) -> None:
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = learning_rate(method)
   c.optim.momentum = 0.9
@@ -199,4 +213,3 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
   c.report = ml_collections.ConfigDict()
   # --mode=report counts the MiB sent until test accuracy first reaches this fraction.
   c.report.target_accuracy = 0.7
-  return c
