@@ -1,6 +1,7 @@
 """Each callback of the experiment loop on its own, with hand-made rounds."""
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,16 +10,19 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from tensorboard.backend.event_processing import event_accumulator
 
+from fedpeft_jax import resume
 from fedpeft_jax.experiment import callbacks
-from fedpeft_jax.federated import fedavg
+from fedpeft_jax.experiment import loop
+from fedpeft_jax.federated import types
 from fedpeft_jax.privacy import accounting
+from tests.conftest import tiny_config
 
 
 def _metrics(sampled=(3, 1, -1, -1), reported=2, nonfinite=0, loss=0.5, aggregator=None,
              sent=None):
   """A round's metrics; `sent`: clients that sent an update (default: reported + nonfinite)."""
   sent = reported + nonfinite if sent is None else sent
-  return fedavg.RoundMetrics(
+  return types.RoundMetrics(
       clients=np.asarray(sampled), reported=np.arange(len(sampled)) < sent,
       num_sampled=np.int32(sum(c >= 0 for c in sampled)), num_reported=np.int32(reported),
       num_nonfinite=np.int32(nonfinite), train_loss=np.float32(loss),
@@ -26,26 +30,25 @@ def _metrics(sampled=(3, 1, -1, -1), reported=2, nonfinite=0, loss=0.5, aggregat
 
 
 def _state(done=0, w=0.0):
-  return fedavg.ServerState(trainable={'head': {'kernel': jnp.full((2, 3), w)}}, opt_state=(),
+  return types.ServerState(trainable={'head': {'kernel': jnp.full((2, 3), w)}}, opt_state=(),
                             aggregator_state=(), round=jnp.asarray(done), rng=None)
 
 
 def test_traffic_counts_the_model_down_to_the_sampled_and_updates_up_from_reporters():
   traffic = callbacks.Traffic(num_trainable=10)
-  record = {}
-  traffic.on_round_end(1, _state(1), _metrics(reported=0, nonfinite=1), record)
+  record = traffic.on_round_end(1, _state(1), _metrics(reported=0, nonfinite=1), {})
   # A NaN update was still sent: traffic does not depend on what the update holds.
   assert record == {'bytes_down': 80, 'bytes_up': 40, 'bytes_cumulative': 120}
   resumed = callbacks.Traffic(num_trainable=10)
   resumed.load_state_dict(json.loads(json.dumps(traffic.state_dict())))
-  resumed.on_round_end(2, _state(2), _metrics(reported=2), record)
+  record = resumed.on_round_end(2, _state(2), _metrics(reported=2), record)
   assert record['bytes_cumulative'] == 120 + 160
 
 
 def test_round_summary_lists_the_sampled_clients_and_digests_the_parameters():
-  summary, a, b = callbacks.RoundSummary(6), {}, {}
-  summary.on_round_end(1, _state(1, 0.0), _metrics(loss=0.25, nonfinite=1), a)
-  summary.on_round_end(1, _state(1, 1.0), _metrics(), b)
+  summary = callbacks.RoundSummary(6)
+  a = summary.on_round_end(1, _state(1, 0.0), _metrics(loss=0.25, nonfinite=1), {})
+  b = summary.on_round_end(1, _state(1, 1.0), _metrics(), {})
   assert a['clients'] == [3, 1] and a['clients_reported'] == 2 and a['clients_nonfinite'] == 1
   assert a['train_loss'] == 0.25 and a['trainable_params'] == 6
   assert a['trainable_sha256'] != b['trainable_sha256']
@@ -66,9 +69,7 @@ def test_all_nonfinite_stops_an_empty_round_does_not():
 def test_evaluation_runs_every_few_rounds_and_after_the_last():
   calls = []
   evaluation = callbacks.Evaluation(lambda t: calls.append(t) or 0.75, every=2, rounds=5)
-  records = [{} for _ in range(5)]
-  for r, record in enumerate(records, 1):
-    evaluation.on_round_end(r, _state(r), _metrics(), record)
+  records = [evaluation.on_round_end(r, _state(r), _metrics(), {}) for r in range(1, 6)]
   assert [bool(r) for r in records] == [False, True, False, True, True]
   assert records[1] == {'test_accuracy': 0.75} and len(calls) == 3
 
@@ -78,15 +79,14 @@ def test_privacy_composes_its_ledger_and_carries_it_across_a_restart():
                                 num_clients=64, clients_per_round=8)
   privacy = callbacks.Privacy(spec, every=2, rounds=4)
   aggregator = {'clip_norm': np.float32(0.5), 'clipped_fraction': np.float32(0.25)}
-  records = [{} for _ in range(4)]
-  for r, record in enumerate(records[:2], 1):
-    privacy.on_round_end(r, _state(r), _metrics(aggregator=aggregator), record)
+  records = [privacy.on_round_end(r, _state(r), _metrics(aggregator=aggregator), {}) or {}
+             for r in (1, 2)]
   # Resumed after round 2 with more noise for the remaining rounds.
   louder = callbacks.Privacy(dataclasses.replace(spec, noise_multiplier=2.0), every=2,
                              rounds=4)
   louder.load_state_dict(json.loads(json.dumps(privacy.state_dict())))
-  for r, record in enumerate(records[2:], 3):
-    louder.on_round_end(r, _state(r), _metrics(aggregator=aggregator), record)
+  records += [louder.on_round_end(r, _state(r), _metrics(aggregator=aggregator), {}) or {}
+              for r in (3, 4)]
   assert records[0] == {} and records[2] == {}
   # Independently: dp-accounting composing 2 rounds at z=1 and 2 at z=2.
   accountant = pld_privacy_accountant.PLDAccountant()
@@ -102,8 +102,7 @@ def test_privacy_composes_its_ledger_and_carries_it_across_a_restart():
 def test_privacy_without_noise_writes_an_infinite_epsilon_as_standard_json():
   spec = accounting.PrivacySpec(mode='client', noise_multiplier=0.0, delta=1e-5, rounds=1,
                                 num_clients=64, clients_per_round=8)
-  record = {}
-  callbacks.Privacy(spec, every=1, rounds=1).on_round_end(1, _state(1), _metrics(), record)
+  record = callbacks.Privacy(spec, every=1, rounds=1).on_round_end(1, _state(1), _metrics(), {})
   assert json.loads(json.dumps(record, allow_nan=False))['epsilon'] == 'inf'
 
 
@@ -111,7 +110,7 @@ def test_diagnostics_are_separated_and_the_cohort_dropped():
   record = {'round': 3, 'test_accuracy': 0.5, 'train_loss': 0.2, 'clients': [1, 5],
             'clients_reported': 2, 'clients_nonfinite': 0, 'clipped_fraction': 0.5,
             'epsilon': 1.0, 'bytes_up': 8}
-  callbacks.SeparateDiagnostics().on_round_end(3, _state(3), _metrics(), record)
+  record = callbacks.SeparateDiagnostics().on_round_end(3, _state(3), _metrics(), record)
   assert record == {'round': 3, 'test_accuracy': 0.5, 'epsilon': 1.0, 'bytes_up': 8,
                     'diagnostics': {'train_loss': 0.2, 'clients_reported': 2,
                                     'clients_nonfinite': 0, 'clipped_fraction': 0.5}}
@@ -120,16 +119,15 @@ def test_diagnostics_are_separated_and_the_cohort_dropped():
 def test_round_clock_carries_wall_time_across_a_restart(monkeypatch):
   now = iter([100.0, 103.0, 110.0, 500.0, 502.0])
   monkeypatch.setattr(callbacks.time, 'perf_counter', lambda: next(now))
-  clock, a, b = callbacks.RoundClock(), {}, {}
+  clock = callbacks.RoundClock()
   clock.on_run_start(_state())
-  clock.on_round_end(1, _state(1), _metrics(), a)
-  clock.on_round_end(2, _state(2), _metrics(), b)
+  a = clock.on_round_end(1, _state(1), _metrics(), {})
+  b = clock.on_round_end(2, _state(2), _metrics(), {})
   assert (a['round_s'], a['wall_s'], b['round_s'], b['wall_s']) == (3, 3, 7, 10)
   resumed = callbacks.RoundClock()
   resumed.load_state_dict(clock.state_dict())
   resumed.on_run_start(_state(2))
-  c = {}
-  resumed.on_round_end(3, _state(3), _metrics(), c)
+  c = resumed.on_round_end(3, _state(3), _metrics(), {})
   assert c == {'round_s': 2, 'wall_s': 12}
 
 
@@ -177,7 +175,8 @@ def test_console_line_says_accuracy_only_when_evaluated_and_traffic_in_mib(capsy
   assert lines[0] == ('round    1/4  acc    -    loss 0.5000  sent 3.00 MiB  2.0 s/round  '
                       'eta 6 s')
   assert lines[1].startswith('round    2/4  acc 0.6250  loss') and lines[1].endswith('eta 6 s')
-  assert lines[2] == 'round 3: no sampled client reported (2 sampled); the model is unchanged'
+  assert lines[2] == ('round 3: no sampled client reported an update with examples (2 sampled); '
+                      'the model is unchanged')
 
 
 class FakeCheckpointer:
@@ -203,3 +202,128 @@ def test_export_writes_the_trainable_tree_in_the_flat_official_layout(tmp_path):
   callbacks.ExportTrainable(str(tmp_path / 't.npz')).on_run_end(_state(3, 2.0))
   with np.load(tmp_path / 't.npz') as f:
     assert f.files == ['head/kernel'] and (f['head/kernel'] == 2.0).all()
+
+
+def test_privacy_shares_its_ledger_and_refuses_a_checkpoint_without_one():
+  spec = accounting.PrivacySpec(mode='client', noise_multiplier=1.0, delta=1e-5, rounds=3,
+                                num_clients=64, clients_per_round=8)
+  config = tiny_config('bias,dp=client')
+  assert callbacks.restore_ledger(tiny_config('bias'), {}, '/w') is None  # No DP, no ledger.
+  assert len(callbacks.restore_ledger(config, None, '/w')) == 0  # A new run: empty.
+  saved = {'ledger': [accounting.round_record(spec)] * 2, 'calibrated_for_rounds': 3,
+           'noise_multiplier': 1.0}
+  ledger = callbacks.restore_ledger(config, {'privacy': saved, 'traffic': {}}, '/w')
+  privacy = callbacks.Privacy(spec, every=1, rounds=3, ledger=ledger)
+  record = privacy.on_round_end(3, _state(3), _metrics(), {})
+  assert len(ledger) == 3 and privacy.state_dict() == ledger.state_dict()
+  assert record['epsilon'] == pytest.approx(accounting.epsilon(spec), rel=1e-9)
+  for restore in (lambda: callbacks.restore_ledger(config, {'traffic': {}}, '/w/checkpoints'),
+                  lambda: loop.restore([privacy], {'traffic': {}}, '/w/checkpoints')):
+    with pytest.raises(resume.ResumeError, match=r'^the checkpoint in /w/checkpoints has no '
+                       r'privacy ledger \(made by an older version\)'):
+      restore()
+
+
+class StopAt(loop.Callback):
+  def __init__(self, stop_round):
+    self.stop_round = stop_round
+
+  def on_round_end(self, round_index, state, metrics, record):
+    return loop.Stop('enough') if round_index == self.stop_round else None
+
+
+@pytest.mark.parametrize('stop_round, saved', [(None, [2, 4, 6]), (3, [2, 3]), (4, [2, 4])])
+def test_checkpoint_saves_a_stopped_round_once_due_or_not(stop_round, saved):
+  checkpointer, traffic = FakeCheckpointer(), callbacks.Traffic(1)
+  checkpoint = callbacks.Checkpoint(checkpointer, config=None, every=2, rounds=6,
+                                    stateful=[traffic])
+  loop.run(lambda s: (s._replace(round=s.round + 1), _metrics()), _state(0), 6,
+           [checkpoint, traffic, StopAt(stop_round)])
+  assert [r for r, _ in checkpointer.saved] == saved
+  assert checkpointer.saved[-1][1] == {'traffic': {'bytes_cumulative': 16 * saved[-1]}}
+
+
+# metrics.jsonl's keys in the order runs have always written them (before callbacks
+# returned their parts): each compute callback's keys in list order, the clock's last.
+PLAIN_KEYS = ['round', 'bytes_up', 'bytes_down', 'bytes_cumulative', 'train_loss', 'clients',
+              'clients_reported', 'clients_nonfinite', 'trainable_params', 'trainable_sha256',
+              'test_accuracy', 'round_s', 'wall_s']
+DP_KEYS = ['round', 'bytes_up', 'bytes_down', 'bytes_cumulative', 'trainable_params',
+           'trainable_sha256', 'test_accuracy', 'epsilon', 'noise_multiplier', 'clip_norm',
+           'diagnostics', 'round_s', 'wall_s']
+
+
+class FakeCheckpointerIn(FakeCheckpointer):
+  directory = '/w/checkpoints'
+
+
+def _standard_run(tmp_path, arg, rounds, saved=None, primary=True):
+  """`callbacks.standard` around a stand-in round on `tiny_config(arg)`, every round
+  evaluated and checkpointed; returns (callbacks, checkpointer)."""
+  config = tiny_config(arg)
+  config.fl.rounds, config.fl.eval_every, config.checkpoint.every = rounds, 1, 1
+  spec = (None if config.dp.mode == 'none' else accounting.PrivacySpec(
+      mode='client', noise_multiplier=1.0, delta=1e-5, rounds=rounds, num_clients=64,
+      clients_per_round=8))
+  experiment = SimpleNamespace(num_trainable=6, evaluate=lambda t: 0.5, privacy=spec)
+  checkpointer = FakeCheckpointerIn()
+  ledger = callbacks.restore_ledger(config, saved, checkpointer.directory)
+  standard = callbacks.standard(experiment, config, str(tmp_path), checkpointer, primary,
+                                ledger)
+  state = _state(0)
+  if saved is not None:
+    state = _state(saved['round'])
+    loop.restore(standard, saved, checkpointer.directory)
+  aggregator = {'clip_norm': np.float32(0.5), 'clipped_fraction': np.float32(0.25)}
+  loop.run(lambda s: (s._replace(round=s.round + 1), _metrics(aggregator=aggregator)), state,
+           rounds, standard)
+  return standard, checkpointer
+
+
+@pytest.mark.parametrize('arg', ['bias', 'bias,dp=client', 'bias,dp=sample'])
+def test_the_standard_callbacks_keep_the_contract_and_the_files_layout(tmp_path, arg):
+  standard, checkpointer = _standard_run(tmp_path, arg, rounds=2)
+  phases = [loop.PHASES.index(c.phase) for c in standard]
+  assert phases == sorted(phases)
+  names = [type(c).__name__ for c in standard]
+  dp = 'dp=' in arg
+  assert names == (['Traffic', 'RoundSummary']
+                   + (['StopIfAllNonFinite'] if 'client' not in arg else [])
+                   + ['Evaluation'] + (['Privacy'] if dp else []) + ['RoundClock']
+                   + (['SeparateDiagnostics'] if dp else [])
+                   + ['MetricsLog', 'TensorBoard', 'Console', 'Checkpoint', 'ExportTrainable'])
+  stateful = [c.name for c in standard if isinstance(c, loop.Stateful)]
+  assert len(set(stateful)) == len(stateful)
+  lines = callbacks.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert [list(line) for line in lines] == [DP_KEYS if dp else PLAIN_KEYS] * 2
+  if dp:
+    assert list(lines[0]['diagnostics']) == list(callbacks.DIAGNOSTICS)
+  assert (tmp_path / 'trainable.npz').exists()
+  # Every stateful callback's values are in every checkpoint, and survive JSON.
+  assert [(r, sorted(meta)) for r, meta in checkpointer.saved] == [(1, sorted(stateful)),
+                                                                  (2, sorted(stateful))]
+  json.dumps(checkpointer.saved)
+  # Other processes write no files and still checkpoint.
+  others, _ = _standard_run(tmp_path / 'other', arg, rounds=1, primary=False)
+  assert [c.phase for c in others if c.phase in ('write', 'persist')] == ['persist']
+  assert not (tmp_path / 'other').exists()
+
+
+def test_a_checkpoint_older_than_a_stateful_callback_resumes_it_fresh_with_a_warning(
+    tmp_path, caplog):
+  _, checkpointer = _standard_run(tmp_path, 'bias,dp=client', rounds=2)
+  round_2 = dict(checkpointer.saved[1][1])
+  per_round = 2 * 2 * 4 * 6  # Both ways, 2 clients, 6 float32s.
+  assert round_2['traffic'] == {'bytes_cumulative': 2 * per_round}
+  del round_2['traffic']  # As if written before traffic was counted.
+  _, resumed = _standard_run(tmp_path, 'bias,dp=client', rounds=3,
+                             saved={**round_2, 'round': 2})
+  (_, meta), = resumed.saved
+  assert meta['traffic'] == {'bytes_cumulative': per_round}  # Round 3's only: fresh.
+  assert len(meta['privacy']['ledger']) == 3  # The ledger continued.
+  assert meta['clock']['wall_s'] >= round_2['clock']['wall_s']
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+      "the checkpoint in /w/checkpoints holds no values of callback 'traffic' (it predates "
+      'that callback): it starts fresh']
+  lines = callbacks.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert [line['round'] for line in lines] == [1, 2, 3]

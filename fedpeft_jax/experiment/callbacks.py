@@ -1,9 +1,11 @@
-"""What a run does around its rounds, one callback each (see `loop.Callback`).
+"""What a run does around its rounds, one callback each (see `loop.Callback`), and the
+standard list of a training run (`standard`).
 
-In the order a run uses them: `Traffic`, `RoundSummary`, `StopIfAllNonFinite`,
-`Evaluation`, `Privacy`, `RoundClock` add to each round's record; `MetricsLog`,
-`TensorBoard` and `Console` write it; `Checkpoint` saves the server state with
-every stateful callback's running values; `ExportTrainable` writes the result.
+By phase, in the order `standard` lists them: compute: `Traffic`, `RoundSummary`,
+`StopIfAllNonFinite`, `Evaluation`, `Privacy`, `RoundClock` add to each round's record;
+filter: `SeparateDiagnostics` (DP) moves what epsilon does not cover aside; write:
+`MetricsLog`, `TensorBoard` and `Console` write the record; persist: `Checkpoint` saves the
+server state with every stateful callback's running values, `ExportTrainable` the result.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -19,7 +21,9 @@ from flax import traverse_util
 from fedpeft_jax import resume
 from fedpeft_jax.experiment import console
 from fedpeft_jax.experiment import loop
+from fedpeft_jax.federated.algorithms import ALGORITHMS
 from fedpeft_jax.privacy import accounting
+from fedpeft_jax.privacy.ledger import PrivacyLedger
 
 BYTES_PER_PARAM = 4  # Trainable parameters travel as float32.
 MIB = 2**20
@@ -57,7 +61,7 @@ class Traffic(loop.Stateful):
     # Every client that did not drop out sends its update, finite or not.
     up = self.bytes_per_transfer * int(np.sum(metrics.reported))
     self.bytes_cumulative += up + down
-    record.update(bytes_up=up, bytes_down=down, bytes_cumulative=self.bytes_cumulative)
+    return {'bytes_up': up, 'bytes_down': down, 'bytes_cumulative': self.bytes_cumulative}
 
   def state_dict(self):
     return {'bytes_cumulative': self.bytes_cumulative}
@@ -73,19 +77,20 @@ class RoundSummary(loop.Callback):
     self.num_trainable = num_trainable
 
   def on_round_end(self, round_index, state, metrics, record):
-    record.update(
+    return {
         # None (JSON null) in a round that aggregated no example: there was no training.
-        train_loss=float(metrics.train_loss) if np.isfinite(metrics.train_loss) else None,
-        clients=[int(c) for c in metrics.clients if c >= 0],
-        clients_reported=int(metrics.num_reported),
-        clients_nonfinite=int(metrics.num_nonfinite),
-        trainable_params=self.num_trainable,
-        trainable_sha256=tree_sha256(state.trainable))
+        'train_loss': float(metrics.train_loss) if np.isfinite(metrics.train_loss) else None,
+        'clients': [int(c) for c in metrics.clients if c >= 0],
+        'clients_reported': int(metrics.num_reported),
+        'clients_nonfinite': int(metrics.num_nonfinite),
+        'trainable_params': self.num_trainable,
+        'trainable_sha256': tree_sha256(state.trainable)}
 
 
 class StopIfAllNonFinite(loop.Callback):
-  """Every reporting client sent NaN or Inf: lowering the learning rate is the fix, and
-  the round's checkpoint is not written, so the last good one stays the latest."""
+  """Every reporting client sent NaN or Inf: lowering the learning rate is the fix. It
+  raises `TrainingError` (not a `loop.Stop`): the run ends at once, so the round is neither
+  written nor checkpointed, and the last good checkpoint stays the latest."""
 
   def __init__(self, checkpoint_dir: str):
     self.checkpoint_dir = checkpoint_dir
@@ -111,40 +116,67 @@ class Evaluation(loop.Callback):
 
   def on_round_end(self, round_index, state, metrics, record):
     if is_due(round_index, self.every, self.rounds):
-      record['test_accuracy'] = self.evaluate(state.trainable)
+      return {'test_accuracy': self.evaluate(state.trainable)}
+    return None
+
+
+def _no_ledger(source: str) -> resume.ResumeError:
+  return resume.ResumeError(
+      f'the checkpoint in {source} has no privacy ledger (made by an older version): its '
+      'epsilon cannot be continued; use a new --workdir')
 
 
 class Privacy(loop.Stateful):
-  """The privacy ledger: each round's executed mechanism, composed into the epsilon spent so
-  far (on evaluated rounds: accounting is not free).
+  """Records each round's executed mechanism (`spec`) into the run's `PrivacyLedger`, and
+  composes it into the epsilon spent so far (on evaluated rounds: accounting is not free).
 
-  The ledger travels in the checkpoint, so after any resume (a grown `fl.rounds`
-  included) the epsilon printed composes what really ran, never the config.
+  The ledger travels in the checkpoint (its `state_dict`), so after any resume (a grown
+  `fl.rounds` included) the epsilon printed composes what really ran, never the config.
+  `ledger`: the one `build` set the noise from (`restore_ledger`); default a new one.
+  A checkpoint without a ledger cannot be continued: `missing_state` raises ResumeError.
   """
   name = 'privacy'
 
-  def __init__(self, spec: accounting.PrivacySpec, every: int, rounds: int):
+  def __init__(self, spec: accounting.PrivacySpec, every: int, rounds: int,
+               ledger: PrivacyLedger | None = None):
     self.spec, self.every, self.rounds = spec, every, rounds
-    self.ledger = []
+    self.ledger = PrivacyLedger() if ledger is None else ledger
 
   def on_round_end(self, round_index, state, metrics, record):
-    self.ledger.append(accounting.round_record(self.spec))
+    self.ledger.record(self.spec)
     if not is_due(round_index, self.every, self.rounds):
-      return
-    epsilon = accounting.ledger_epsilon(self.ledger, self.spec.delta, self.spec.accountant)
-    record.update(epsilon=accounting.json_safe_epsilon(epsilon),
-                  noise_multiplier=self.spec.noise_multiplier)
+      return None
+    epsilon = self.ledger.epsilon(self.spec.delta, self.spec.accountant)
+    values = {'epsilon': accounting.json_safe_epsilon(epsilon),
+              'noise_multiplier': self.spec.noise_multiplier}
     if 'clip_norm' in metrics.aggregator:  # Adaptive clipping's norm is itself a noised release.
-      record['clip_norm'] = float(metrics.aggregator['clip_norm'])
+      values['clip_norm'] = float(metrics.aggregator['clip_norm'])
     if 'clipped_fraction' in metrics.aggregator:
-      record['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+      values['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
+    return values
 
   def state_dict(self):
-    return {'ledger': self.ledger, 'calibrated_for_rounds': self.spec.rounds,
-            'noise_multiplier': self.spec.noise_multiplier}
+    return self.ledger.state_dict()
 
   def load_state_dict(self, saved):
-    self.ledger = list(saved['ledger'])
+    self.ledger.load_state_dict(saved)
+
+  def missing_state(self, source):
+    raise _no_ledger(source)
+
+
+def restore_ledger(config, saved: Mapping[str, Any] | None,
+                   source: str) -> PrivacyLedger | None:
+  """The run's privacy ledger, before the experiment is built (the noise of the rounds left
+  depends on it): None without DP, a new one without a checkpoint, else the one in the
+  checkpoint's callback values `saved` (made in `source`); ResumeError if they hold none."""
+  if config.dp.mode == 'none':
+    return None
+  if saved is None:
+    return PrivacyLedger()
+  if Privacy.name not in saved:
+    raise _no_ledger(source)
+  return PrivacyLedger.from_state_dict(saved[Privacy.name])
 
 
 # Computed from the clients' data without noise: outside what epsilon covers.
@@ -153,19 +185,28 @@ DIAGNOSTICS = ('train_loss', 'clients_reported', 'clients_nonfinite', 'clipped_f
 
 class SeparateDiagnostics(loop.Callback):
   """Under DP, moves what the guarantee does not cover into `record['diagnostics']` and
-  drops the sampled client ids (under Poisson sampling they reveal membership)."""
+  drops the sampled client ids (under Poisson sampling they reveal membership).
+
+  The other keys keep their order; 'diagnostics' goes before the clock's keys
+  (`RoundClock.KEYS`), where metrics.jsonl lines have always had it.
+  """
+  phase = 'filter'
 
   def on_round_end(self, round_index, state, metrics, record):
-    record.pop('clients', None)
-    record['diagnostics'] = {k: record.pop(k) for k in DIAGNOSTICS if k in record}
+    kept = {k: v for k, v in record.items() if k != 'clients' and k not in DIAGNOSTICS}
+    timing = {k: kept.pop(k) for k in RoundClock.KEYS if k in kept}
+    return {**kept, 'diagnostics': {k: record[k] for k in DIAGNOSTICS if k in record},
+            **timing}
 
 
 class RoundClock(loop.Stateful):
   """`round_s`: this round's seconds; `wall_s`: the run's, across restarts.
 
-  The round is compiled before the loop starts, so no round's time includes it.
+  The round is compiled before the loop starts, so no round's time includes it. Last of
+  the compute phase in `standard`, so a round's time includes evaluation and accounting.
   """
   name = 'clock'
+  KEYS = ('round_s', 'wall_s')
 
   def __init__(self):
     self.offset = 0.0
@@ -175,8 +216,9 @@ class RoundClock(loop.Stateful):
 
   def on_round_end(self, round_index, state, metrics, record):
     now = time.perf_counter()
-    record.update(round_s=now - self.last, wall_s=self.offset + now - self.start)
+    values = {'round_s': now - self.last, 'wall_s': self.offset + now - self.start}
     self.last = now
+    return values
 
   def state_dict(self):
     return {'wall_s': self.offset + self.last - self.start}
@@ -195,6 +237,7 @@ def read_metrics(path: str) -> list[dict]:
 class MetricsLog(loop.Callback):
   """One JSON line a round in `path`; rounds after the checkpoint a run resumes from are
   dropped first, since they run again."""
+  phase = 'write'
 
   def __init__(self, path: str):
     self.path = path
@@ -217,7 +260,7 @@ class MetricsLog(loop.Callback):
     self.file = open(self.path, 'a')
 
   def on_round_end(self, round_index, state, metrics, record):
-    self.file.write(json.dumps(record) + '\n')
+    self.file.write(json.dumps(dict(record)) + '\n')
     self.file.flush()
 
   def on_run_end(self, state):
@@ -240,6 +283,7 @@ class TensorBoard(loop.Callback):
   """Scalars of every round in `logdir`, as TensorBoard event files (tensorboardX: no
   TensorFlow needed); DP diagnostics under `diagnostics/`. On resume, steps after the
   checkpoint are purged from view."""
+  phase = 'write'
 
   def __init__(self, logdir: str):
     self.logdir = logdir
@@ -267,6 +311,7 @@ class TensorBoard(loop.Callback):
 
 class Console(loop.Callback):
   """A progress line every round: accuracy (when evaluated), loss, traffic, time, ETA."""
+  phase = 'write'
 
   def __init__(self, rounds: int):
     self.rounds = rounds
@@ -296,25 +341,73 @@ class Console(loop.Callback):
 
 
 class Checkpoint(loop.Callback):
-  """Saves the server state and every stateful callback's values every `every` rounds
-  and after the last, so a restart continues exactly."""
+  """Saves the server state and every stateful callback's values (under its `name`, in the
+  order of `stateful`) every `every` rounds and after the last, so a restart continues
+  exactly; and, when a `loop.Stop` ended the run on a round that was not due, that round."""
+  phase = 'persist'
 
   def __init__(self, checkpointer: resume.RunCheckpointer, config, every: int, rounds: int,
                stateful: Sequence[loop.Stateful]):
     self.checkpointer, self.config = checkpointer, config
     self.every, self.rounds, self.stateful = every, rounds, stateful
+    self.saved_round = None
+
+  def on_run_start(self, state):
+    self.saved_round = int(state.round)  # Restored from there, or 0: nothing to save.
 
   def on_round_end(self, round_index, state, metrics, record):
     if is_due(round_index, self.every, self.rounds):
-      self.checkpointer.save(state, {c.name: c.state_dict() for c in self.stateful},
-                             self.config)
+      self._save(state)
+
+  def on_run_end(self, state):
+    if int(state.round) != self.saved_round:
+      self._save(state)
+
+  def _save(self, state):
+    self.checkpointer.save(state, {c.name: c.state_dict() for c in self.stateful},
+                           self.config)
+    self.saved_round = int(state.round)
 
 
 class ExportTrainable(loop.Callback):
   """The trained parameters as an official-layout `.npz`, written when the run ends."""
+  phase = 'persist'
 
   def __init__(self, path: str):
     self.path = path
 
   def on_run_end(self, state):
     resume.export_trainable(self.path, state.trainable)
+
+
+def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpointer,
+             primary: bool, ledger: PrivacyLedger | None = None) -> list[loop.Callback]:
+  """The callbacks of a training run in `workdir`, in phase order (`loop.in_phase_order`);
+  within a phase, in the order listed here.
+
+  experiment: a `build.Experiment` (`num_trainable`, `evaluate`, `privacy`).
+  primary: whether this is process 0, which alone writes files; every process saves its
+    shards of the checkpoints.
+  ledger: the privacy ledger `build` set the noise from (`restore_ledger`); DP runs only.
+  The checkpoint holds the values of every `loop.Stateful` listed, under its name.
+  """
+  fl, rounds = config.fl, config.fl.rounds
+  callbacks = [
+      Traffic(experiment.num_trainable, ALGORITHMS.get(fl.algorithm).trees_per_transfer),
+      RoundSummary(experiment.num_trainable)]
+  if config.dp.mode != 'client':  # Under client DP the noised update is released anyway.
+    callbacks.append(StopIfAllNonFinite(checkpointer.directory))
+  callbacks.append(Evaluation(experiment.evaluate, fl.eval_every, rounds))
+  if experiment.privacy is not None:
+    callbacks += [Privacy(experiment.privacy, fl.eval_every, rounds, ledger),
+                  SeparateDiagnostics()]
+  callbacks.append(RoundClock())  # Last of the compute phase: its time includes the above.
+  if primary:  # Files written once, by process 0.
+    callbacks += [MetricsLog(os.path.join(workdir, 'metrics.jsonl')),
+                  TensorBoard(os.path.join(workdir, 'tb')), Console(rounds)]
+  stateful = [c for c in callbacks if isinstance(c, loop.Stateful)]
+  callbacks.append(Checkpoint(checkpointer, config, config.checkpoint.every, rounds,
+                              stateful))
+  if primary:
+    callbacks.append(ExportTrainable(os.path.join(workdir, 'trainable.npz')))
+  return loop.in_phase_order(callbacks)
