@@ -32,6 +32,7 @@ import numpy as np
 from fedpeft_jax import configs
 from fedpeft_jax import peft
 from fedpeft_jax.experiment import build
+from fedpeft_jax.tasks import image_classification
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated import types
@@ -175,14 +176,14 @@ def measure(method: str, impl: str, peak_flops: float | None) -> dict:
                                jnp.uint8),
       'label': jax.random.randint(label_rng, (num_images,), 0, _NUM_CLASSES.value)}
   table = types.ClientTable.from_partition(np.split(np.arange(num_images), clients))
-  loss_fn = build.make_loss_fn(model, image_size)
+  loss_fn = image_classification.make_loss_fn(model, image_size)
   feature_seconds = None
   if impl == 'cached_head':  # Training's default for method=head: the backbone runs once.
     start = time.perf_counter()
-    features = jax.block_until_ready(build.head_features(
+    features = jax.block_until_ready(image_classification.head_features(
         model, frozen, dataset['image'], image_size, batch_size=256))
     feature_seconds = time.perf_counter() - start
-    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, build.head_loss_fn
+    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, image_classification.head_loss_fn
   o = config.optim
   optimizer = client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov)
 

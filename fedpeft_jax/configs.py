@@ -98,6 +98,8 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
 
 def _model_and_peft(c, method: str) -> None:
   c.model = ml_collections.ConfigDict()
+  # A registered model family (fedpeft_jax/model/families/): 'vit'; it names the task.
+  c.model.family = 'vit'
   c.model.name = 'vit_b16'
   c.model.checkpoint = ''  # '' trains from random initialisation.
   c.model.image_size = 224

@@ -14,8 +14,7 @@ from fedpeft_jax.federated import algorithms
 from fedpeft_jax.federated import sampling
 from fedpeft_jax.federated import schedules
 from fedpeft_jax.federated import server_optimizers
-from fedpeft_jax.model import checkpoint
-from fedpeft_jax.model import vit
+from fedpeft_jax.model import families
 from fedpeft_jax.privacy import accounting
 from fedpeft_jax.privacy import mechanisms
 
@@ -95,19 +94,14 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
   `--mode=masks` needs neither weights nor data, so their paths are not checked, and
   compares methods: with `method_list`, `peft.method` may be a comma list of them.
   """
-  _one_of(config, 'model.name', tuple(vit.SIZES))
-  size = vit.SIZES[config.model.name]
-  _positive(config, 'model.image_size')
-  _check(config.model.image_size % size.patch_size == 0, 'model.image_size',
-         config.model.image_size,
-         f'must be divisible by the patch size {size.patch_size} of {config.model.name}')
+  _one_of(config, 'model.family', families.MODEL_FAMILIES.names())
+  family = families.MODEL_FAMILIES.get(config.model.family)
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.frozen_dtype', ('',) + DTYPES)
   _one_of(config, 'model.attention', ('', 'xla', 'cudnn'))
-  _one_of(config, 'model.posemb_resample', checkpoint.POSEMB_RESAMPLERS)
-  if config.model.checkpoint and needs_weights:  # Opens the file; reads no weights.
-    with config_keys(config, path='model.checkpoint'):
-      checkpoint.read_shapes(config.model.checkpoint)
+  for problem in family.checks(config, needs_weights):  # The family's own keys and files.
+    _check(False, problem[0], _get(config, problem[0]), problem[1])
+  size = family.dimensions(config)
   if config.model.representation_size is not None:
     _positive(config, 'model.representation_size')
 

@@ -9,6 +9,7 @@ from flax import traverse_util
 from fedpeft_jax import peft, validation
 from fedpeft_jax.data import preprocess
 from fedpeft_jax.experiment import build
+from fedpeft_jax.tasks import image_classification
 from tests.conftest import tiny_config
 
 
@@ -21,8 +22,8 @@ def test_cached_head_features_give_the_full_model_loss():
   trainable, frozen = peft.split(params, peft.labels('head', params))
   images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
   labels = jnp.arange(10) % 4
-  features = build.head_features(model, frozen, images, 16, batch_size=4)
-  cached = build.head_loss_fn(trainable, frozen, {'feature': features, 'label': labels}, None)
+  features = image_classification.head_features(model, frozen, images, 16, batch_size=4)
+  cached = image_classification.head_loss_fn(trainable, frozen, {'feature': features, 'label': labels}, None)
   logits = model.apply({'params': params}, preprocess.eval_images(images, 16))
   direct = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
@@ -81,4 +82,6 @@ def test_build_gives_a_round_that_trains_and_an_evaluation():
   before = experiment.evaluate(experiment.state.trainable)
   state, metrics = round_fn(experiment.state)
   assert int(state.round) == 1 and int(metrics.num_reported) == config.fl.clients_per_round
-  assert 0.0 <= before <= 1.0 and 0.0 <= experiment.evaluate(state.trainable) <= 1.0
+  after = experiment.evaluate(state.trainable)
+  assert set(before) == set(after) == {'test_accuracy'}
+  assert 0.0 <= before['test_accuracy'] <= 1.0 and 0.0 <= after['test_accuracy'] <= 1.0

@@ -20,7 +20,6 @@ from fedpeft_jax import configs
 from fedpeft_jax import peft
 from fedpeft_jax import validation
 from fedpeft_jax.data import partition as partition_lib
-from fedpeft_jax.data import preprocess
 from fedpeft_jax.data import sources
 from fedpeft_jax.experiment import console
 from fedpeft_jax.federated import aggregators
@@ -32,10 +31,10 @@ from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated import types as fl_types
 from fedpeft_jax.federated.aggregators import dp_fedavg as dp_fedavg_lib
 from fedpeft_jax.federated.algorithms import fedprox
-from fedpeft_jax.model import checkpoint as checkpoint_lib
-from fedpeft_jax.model import vit
+from fedpeft_jax.model import families
 from fedpeft_jax.privacy import accounting
 from fedpeft_jax.privacy.ledger import PrivacyLedger
+from fedpeft_jax import tasks
 
 PyTree = Any
 
@@ -45,37 +44,42 @@ def peft_options(config) -> dict:
   return {key: config.peft[key] for key in peft.option_defaults()}
 
 
-def build_model(config, method: str | None = None) -> vit.VisionTransformer:
-  """The ViT of `config.model` with the additions of `method` (default `peft.method`)."""
-  return vit.VisionTransformer(
-      vit.SIZES[config.model.name], config.data.num_classes,
-      peft.modules_for(method or config.peft.method, **peft_options(config)),
-      representation_size=config.model.representation_size,
-      dtype=jnp.dtype(config.model.dtype), attention=config.model.attention or None)
+def model_family(config) -> families.ModelFamily:
+  """The registered family `model.family` names (`families.MODEL_FAMILIES`)."""
+  with validation.config_keys(config, family='model.family'):
+    return families.MODEL_FAMILIES.get(config.model.family)
 
 
-def _dummy_images(config):
-  return jnp.zeros((1, config.model.image_size, config.model.image_size, 3), jnp.float32)
+def task(config) -> tasks.Task:
+  """The task the model family serves (`tasks.TASKS`)."""
+  return tasks.TASKS.get(model_family(config).task)
+
+
+def build_model(config, method: str | None = None):
+  """The model of `config.model` with the additions of `method` (default `peft.method`)."""
+  return model_family(config).build(config, method or config.peft.method, peft_options(config))
 
 
 def abstract_params(config, model):
-  return jax.eval_shape(model.init, jax.random.key(0), _dummy_images(config))['params']
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        *model_family(config).dummy_input(config))['params']
 
 
 def check_pretrained(config, model) -> None:
   """The checkpoint file opens and matches the model: read from its headers, no weights."""
   if config.model.checkpoint:
     with validation.config_keys(config, path='model.checkpoint'):
-      checkpoint_lib.check_compatible(config.model.checkpoint, abstract_params(config, model))
+      model_family(config).check_pretrained(config, abstract_params(config, model))
 
 
 def init_params(config, model, rng):
-  params = jax.jit(model.init)(rng, _dummy_images(config))['params']
+  """Fresh parameters, with the pretrained checkpoint's weights where it has them."""
+  family = model_family(config)
+  params = jax.jit(model.init)(rng, *family.dummy_input(config))['params']
   if config.model.checkpoint:
     with validation.config_keys(config, path='model.checkpoint',
                                 posemb_resample='model.posemb_resample'):
-      params = checkpoint_lib.load_pretrained(config.model.checkpoint, params,
-                                              config.model.posemb_resample)
+      params = family.load_pretrained(config, params)
   return params
 
 
@@ -146,63 +150,6 @@ def describe_partition(config, train_set: sources.Dataset,
     for client, name in zip(clients, partition_lib.client_names(train_set.client_ids).tolist()):
       client['id'] = name
   return {**described, 'clients': clients}
-
-
-def make_loss_fn(model, image_size: int):
-  def loss_fn(trainable, frozen, batch, rng):
-    images = preprocess.train_images(rng, batch['image'], image_size)
-    logits = model.apply({'params': peft.merge(trainable, frozen)}, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-  return loss_fn
-
-
-def head_features(model, frozen, images: np.ndarray, image_size: int, batch_size: int):
-  """The frozen backbone's output for every example, computed once.
-
-  Head tuning never changes the backbone, so caching its features turns each
-  local step into a linear layer. The cost: no per-step augmentation.
-  """
-  featurize = jax.jit(lambda x: model.clone(features_only=True).apply(
-      {'params': frozen}, preprocess.eval_images(x, image_size)))
-  return jnp.concatenate([featurize(images[i:i + batch_size])
-                          for i in range(0, len(images), batch_size)])
-
-
-def head_loss_fn(trainable, frozen, batch, rng):
-  """The classifier head on cached features (see `head_features`)."""
-  head = trainable['head']
-  logits = batch['feature'] @ head['kernel'] + head['bias']
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-
-
-def make_evaluate(model, image_size: int, batch_size: int):
-  """A jitted `evaluate(trainable, frozen, images, labels) -> accuracy` and its `pad`.
-
-  The test set is padded to whole batches on the host once and scanned on
-  device, so evaluation compiles once and never leaves the accelerator.
-  """
-  @jax.jit
-  def evaluate(trainable, frozen, images, labels):
-    params = peft.merge(trainable, frozen)
-
-    def correct(batch):
-      x, y = batch
-      logits = model.apply({'params': params}, preprocess.eval_images(x, image_size))
-      return jnp.sum((jnp.argmax(logits, -1) == y) & (y >= 0))
-
-    hits = jax.lax.map(correct, (images.reshape((-1, batch_size) + images.shape[1:]),
-                                 labels.reshape(-1, batch_size)))
-    return hits.sum() / jnp.sum(labels >= 0)
-
-  def pad(dataset: sources.Dataset):
-    """Pads to whole batches; padded labels are -1 and never count."""
-    extra = -len(dataset) % batch_size
-    images = np.concatenate([dataset.images, np.zeros((extra,) + dataset.images.shape[1:],
-                                                      np.uint8)])
-    labels = np.concatenate([dataset.labels, -np.ones(extra, np.int32)])
-    return jnp.asarray(images), jnp.asarray(labels)
-
-  return evaluate, pad
 
 
 def privacy_spec(config, client_sizes=(), ledger: PrivacyLedger | None = None
@@ -286,16 +233,16 @@ def build_federated_algorithm(config) -> algorithms.Algorithm:
     return fedprox.with_proximal_term(spec.make(**spec.arguments(config)), config.fl.prox_mu)
 
 
-def build_algorithm(config, model, max_examples: int, privacy: accounting.PrivacySpec | None,
-                    loss_fn=None, client_chunk: int | None = None) -> round_lib.FederatedRound:
-  """The run's federated round: local training, cohort, algorithm, aggregator and server
-  optimizer, each from its config keys."""
+def build_algorithm(config, loss_fn, max_examples: int, privacy: accounting.PrivacySpec | None,
+                    client_chunk: int | None = None) -> round_lib.FederatedRound:
+  """The run's federated round on the task's `loss_fn`: local training, cohort,
+  algorithm, aggregator and server optimizer, each from its config keys."""
   fl, o, dp = config.fl, config.optim, config.dp
   sample_dp = (client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
                if dp.mode == 'sample' else None)
   with validation.config_keys(config, client_chunk='fl.client_chunk', schedule='fl.schedule'):
     return round_lib.make_round(
-        loss_fn or make_loss_fn(model, config.model.image_size),
+        loss_fn,
         client_lib.sgd(o.lr, o.momentum, o.weight_decay, o.nesterov),
         client_lib.LocalSpec(fl.local_epochs, fl.batch_size, max_examples, sample_dp),
         round_lib.Cohort(fl.clients_per_round, fl.num_clients,
@@ -344,7 +291,7 @@ def auto_client_chunk(config, build, state, args) -> int | None:
 class Experiment:
   """Everything a run needs, built from its config; the loop sees only `state` and `round`."""
   config: ml_collections.ConfigDict
-  model: vit.VisionTransformer
+  model: Any  # The model family's flax module.
   algorithm: round_lib.FederatedRound
   state: fl_types.ServerState  # The initial server state (before any resume).
   frozen: PyTree  # The only copy of the backbone.
@@ -353,7 +300,8 @@ class Experiment:
   client_sizes: list[int]
   num_trainable: int
   privacy: accounting.PrivacySpec | None
-  evaluate: Callable[[PyTree], float]  # Global trainable parameters -> test accuracy.
+  # Global trainable parameters -> the task's test metrics, e.g. {'test_accuracy': 0.71}.
+  evaluate: Callable[[PyTree], dict]
   partition: dict  # What partition.json records (`describe_partition`).
 
   def compile_round(self, state: fl_types.ServerState):
@@ -381,7 +329,6 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   if config.dp.mode == 'sample':  # Its guarantee depends on every client's size.
     privacy = privacy_spec(config, client_sizes, ledger)
   table = fl_types.ClientTable.from_partition(client_indices)
-  dataset = {'image': train_set.images, 'label': train_set.labels}
 
   model = build_model(config)
   with console.phase('initialising the model' + (
@@ -404,30 +351,19 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
 
   if config.model.frozen_dtype:  # Halves backbone memory and traffic to the MXU/tensor cores.
     frozen = jax.tree.map(lambda x: x.astype(config.model.frozen_dtype), frozen)
-  loss_fn = None
-  if config.peft.method == 'head' and config.peft.cache_head_features:
-    with console.phase(f'computing head features of {len(train_set):,} images'):
-      features = jax.block_until_ready(head_features(
-          model, frozen, train_set.images, config.model.image_size, config.eval.batch_size))
-    dataset, loss_fn = {'feature': features, 'label': dataset['label']}, head_loss_fn
-  build_for = lambda chunk: build_algorithm(config, model, table.max_examples, privacy,
-                                            loss_fn, chunk)
+  the_task = task(config)
+  data = the_task.client_data(config, model, frozen, train_set)
+  build_for = lambda chunk: build_algorithm(config, data.loss_fn, table.max_examples, privacy,
+                                            chunk)
   algorithm = build_for(None)
   # Everything on every device of the mesh (all hosts'), so the compiled round and
   # evaluation see the same placement in every round and on every host.
   place = replicate_on(client_mesh(config))
-  frozen, dataset, table = place((frozen, dataset, table))
+  frozen, dataset, table = place((frozen, data.dataset, table))
   state = place(algorithm.init(trainable, run_rng))
   chunk = auto_client_chunk(config, build_for, state, (frozen, dataset, table))
   if chunk:
     algorithm = build_for(chunk)
-
-  evaluate_fn, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
-  test_images, test_labels = place(pad(test_set))
-  trainable = state.trainable
-  with console.phase('compiling evaluation'):
-    evaluate_compiled = evaluate_fn.lower(trainable, frozen, test_images, test_labels).compile()
-  evaluate = lambda trainable: float(evaluate_compiled(trainable, frozen, test_images,
-                                                       test_labels))
+  evaluate = the_task.make_evaluate(config, model, frozen, test_set, place, state.trainable)
   return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
                     num_trainable, privacy, evaluate, partition)
