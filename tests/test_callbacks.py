@@ -327,3 +327,9 @@ def test_a_checkpoint_older_than_a_stateful_callback_resumes_it_fresh_with_a_war
       'that callback): it starts fresh']
   lines = callbacks.read_metrics(str(tmp_path / 'metrics.jsonl'))
   assert [line['round'] for line in lines] == [1, 2, 3]
+
+
+def test_two_stateful_callbacks_of_one_name_are_refused():
+  with pytest.raises(ValueError, match=r"share a name \(\['traffic', 'traffic'\]\)"):
+    callbacks.Checkpoint(FakeCheckpointer(), None, 1, 1,
+                         [callbacks.Traffic(1), callbacks.Traffic(2)])

@@ -348,6 +348,10 @@ class Checkpoint(loop.Callback):
 
   def __init__(self, checkpointer: resume.RunCheckpointer, config, every: int, rounds: int,
                stateful: Sequence[loop.Stateful]):
+    names = [c.name for c in stateful]
+    if len(set(names)) < len(names):
+      raise ValueError(f'stateful callbacks share a name ({names}): each needs its own, the '
+                       "key of its values in the checkpoint")
     self.checkpointer, self.config = checkpointer, config
     self.every, self.rounds, self.stateful = every, rounds, stateful
     self.saved_round = None
