@@ -68,7 +68,8 @@ def test_all_nonfinite_stops_an_empty_round_does_not():
 
 def test_evaluation_runs_every_few_rounds_and_after_the_last():
   calls = []
-  evaluation = callbacks.Evaluation(lambda t: calls.append(t) or 0.75, every=2, rounds=5)
+  evaluation = callbacks.Evaluation(lambda t: calls.append(t) or {'test_accuracy': 0.75},
+                                    every=2, rounds=5)
   records = [evaluation.on_round_end(r, _state(r), _metrics(), {}) for r in range(1, 6)]
   assert [bool(r) for r in records] == [False, True, False, True, True]
   assert records[1] == {'test_accuracy': 0.75} and len(calls) == 3
@@ -265,7 +266,8 @@ def _standard_run(tmp_path, arg, rounds, saved=None, primary=True):
   spec = (None if config.dp.mode == 'none' else accounting.PrivacySpec(
       mode='client', noise_multiplier=1.0, delta=1e-5, rounds=rounds, num_clients=64,
       clients_per_round=8))
-  experiment = SimpleNamespace(num_trainable=6, evaluate=lambda t: 0.5, privacy=spec)
+  experiment = SimpleNamespace(num_trainable=6, evaluate=lambda t: {'test_accuracy': 0.5},
+                               privacy=spec)
   checkpointer = FakeCheckpointerIn()
   ledger = callbacks.restore_ledger(config, saved, checkpointer.directory)
   standard = callbacks.standard(experiment, config, str(tmp_path), checkpointer, primary,

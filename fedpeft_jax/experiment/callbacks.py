@@ -109,14 +109,14 @@ def is_due(round_index: int, every: int, rounds: int) -> bool:
 
 
 class Evaluation(loop.Callback):
-  """Server test accuracy every `every` rounds and after the last."""
+  """The task's test metrics (e.g. `test_accuracy`) every `every` rounds and after the last."""
 
-  def __init__(self, evaluate: Callable[[Any], float], every: int, rounds: int):
+  def __init__(self, evaluate: Callable[[Any], dict], every: int, rounds: int):
     self.evaluate, self.every, self.rounds = evaluate, every, rounds
 
   def on_round_end(self, round_index, state, metrics, record):
     if is_due(round_index, self.every, self.rounds):
-      return {'test_accuracy': self.evaluate(state.trainable)}
+      return dict(self.evaluate(state.trainable))
     return None
 
 
