@@ -33,6 +33,7 @@ from fedpeft_jax.experiment import build
 from fedpeft_jax.federated import schedules
 from fedpeft_jax.federated import types
 from fedpeft_jax.model import vit
+from fedpeft_jax.tasks import image_classification
 
 # name: (training examples, classes, Dirichlet alpha).
 SPLITS = {'pcam_dir05': (20_000, 2, 0.5), 'resisc45_dir01': (25_200, 45, 0.1),
@@ -117,8 +118,8 @@ class ScheduledRound:
     config = federation.config
     fl = config.fl
     fl.schedule, fl.clients_per_round, fl.client_chunk = schedule, clients_per_round, lanes
-    algorithm = build.build_algorithm(config, federation.model, federation.table.max_examples,
-                                      None)
+    loss_fn = image_classification.make_loss_fn(federation.model, config.model.image_size)
+    algorithm = build.build_algorithm(config, loss_fn, federation.table.max_examples, None)
     # A copy: the round donates its state, and every schedule starts from these weights.
     self.state = algorithm.init(jax.tree.map(jnp.copy, federation.trainable),
                                 jax.random.key(config.seed))

@@ -60,6 +60,8 @@ def _check_algorithm(config) -> None:
   if problem:
     _check(False, problem[0], _get(config, problem[0]), problem[1])
   supported = ', '.join(repr(m) for m in spec.dp_modes)
+  if config.dp.mode not in configs.DP_MODES:
+    return  # Named by the dp section's own check.
   _check(config.dp.mode in spec.dp_modes, 'fl.algorithm', config.fl.algorithm,
          f'supports dp.mode {supported} only (not {config.dp.mode!r}): change dp.mode, or use '
          "fl.algorithm='fedavg'")

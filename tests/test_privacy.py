@@ -434,7 +434,7 @@ def test_a_grown_resume_with_adaptive_clipping_is_checked_against_the_remaining_
   # The aggregator built from such a noise names its key too, should anything reach it.
   too_noisy = dataclasses.replace(spec, noise_multiplier=11.0)
   with pytest.raises(validation.ConfigError, match=r'^--config\.dp\.clipped_count_stddev='):
-    build.build_algorithm(grown, None, 8, too_noisy, linear_loss_fn)
+    build.build_algorithm(grown, linear_loss_fn, 8, too_noisy)
 
 
 def test_the_largest_resumable_rounds_is_the_last_whose_remaining_noise_splits(monkeypatch):
@@ -527,8 +527,8 @@ def _dropout_steps(arg, sampling, seeds, dropout_prob=0.5):
   signal = jnp.asarray(np.random.default_rng(5).normal(size=(6, 3)), jnp.float32)
   dataset['y'] = jnp.argmax(dataset['x'] @ frozen['proj'] @ signal, -1).astype(jnp.int32)
   table = types.ClientTable.from_partition(parts)
-  algorithm = build.build_algorithm(config, None, table.max_examples,
-                                    build.privacy_spec(config), linear_loss_fn)
+  algorithm = build.build_algorithm(config, linear_loss_fn, table.max_examples,
+                                    build.privacy_spec(config))
   apply = jax.jit(algorithm.apply)
   flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
   steps, reported = [], []
