@@ -303,6 +303,7 @@ class Experiment:
   # Global trainable parameters -> the task's test metrics, e.g. {'test_accuracy': 0.71}.
   evaluate: Callable[[PyTree], dict]
   partition: dict  # What partition.json records (`describe_partition`).
+  loss_fn: Callable = None  # The task's per-example loss the round trains on.
 
   def compile_round(self, state: fl_types.ServerState):
     """The round as one compiled function of the server state, compiled now, not in round 1."""
@@ -366,4 +367,4 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
     algorithm = build_for(chunk)
   evaluate = the_task.make_evaluate(config, model, frozen, test_set, place, state.trainable)
   return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
-                    num_trainable, privacy, evaluate, partition)
+                    num_trainable, privacy, evaluate, partition, data.loss_fn)
