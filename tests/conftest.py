@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared, the tiny synthetic config, a linear federated
 problem small enough to check by hand, and the CLI launcher for tests of launch.py."""
 import importlib.util
+import inspect
 import os
 import pathlib
 import subprocess
@@ -121,3 +122,32 @@ def fedavg_round(loss_fn, client_optimizer, *, num_epochs, batch_size, max_examp
       algorithm=fedprox.with_proximal_term(algorithm, prox_mu), aggregator=aggregator,
       server_optimizer=server_optimizer,
       execution=round_lib.Execution(schedule, client_chunk, mesh))
+
+
+# Tests that launch `launch.py` (or a benchmark, or another process) are the CLI group,
+# marked `cli`: `pytest -m cli tests` runs them alone, `pytest -m 'not cli' tests` the unit
+# tests in a few minutes. Whole files of them, and any test that starts a process:
+CLI_MODULES = ('test_launch', 'test_sweep', 'test_multihost', 'test_benchmark')
+
+
+def _starts_a_process(item) -> bool:
+  if item.module.__name__.rsplit('.', 1)[-1] in CLI_MODULES:
+    return True
+  try:
+    source = inspect.getsource(item.function)
+  except (OSError, TypeError, AttributeError):
+    return False
+  return any(call in source for call in ('launch(', 'subprocess.', 'launch_', '_launch('))
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'cli: starts launch.py or another process (the CLI group)')
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if _starts_a_process(item):
+      item.add_marker(pytest.mark.cli)
+  # The CLI group first: its tests are the longest, and started first they finish while
+  # the other workers run the many short unit tests (the same order on every worker).
+  items.sort(key=lambda item: item.get_closest_marker('cli') is None)
