@@ -9,6 +9,7 @@ from ml_collections import config_dict
 from fedpeft_jax import errors
 from fedpeft_jax import peft
 from fedpeft_jax.data import partition
+from fedpeft_jax.experiment import extra_callbacks
 
 # Each method's default client learning rate, as its PEFT_METHODS entry declares it (the
 # paper's configs'): a read-only view for reports and tests.
@@ -211,6 +212,13 @@ def _training_and_privacy(c, method: str, dp_mode: str) -> None:
   c.checkpoint.every = 5  # Rounds between checkpoints; one is always written at the end.
   c.checkpoint.keep = 2
   c.checkpoint.force = False  # Resume even if the workdir was made with another config.
+
+  c.callbacks = ml_collections.ConfigDict()
+  # Optional callbacks by name, comma-separated (fedpeft_jax/experiment/extra_callbacks/),
+  # e.g. 'early_stop'; their options follow, with their defaults.
+  c.callbacks.extra = ''
+  for key, value in extra_callbacks.option_defaults().items():
+    c.callbacks[key] = value
 
   c.report = ml_collections.ConfigDict()
   # --mode=report counts the MiB sent until test accuracy first reaches this fraction.

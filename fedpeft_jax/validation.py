@@ -10,6 +10,7 @@ import math
 
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
+from fedpeft_jax.experiment import extra_callbacks
 from fedpeft_jax.federated import algorithms
 from fedpeft_jax.federated import sampling
 from fedpeft_jax.federated import schedules
@@ -65,6 +66,23 @@ def _check_algorithm(config) -> None:
   _check(config.dp.mode in spec.dp_modes, 'fl.algorithm', config.fl.algorithm,
          f'supports dp.mode {supported} only (not {config.dp.mode!r}): change dp.mode, or use '
          "fl.algorithm='fedavg'")
+
+
+def _check_extra_callbacks(config) -> None:
+  """`callbacks.extra` names registered callbacks, once each; each one's own check."""
+  names = extra_callbacks.names(config.callbacks.extra)
+  for name in names:
+    if name not in extra_callbacks.CALLBACKS:
+      with config_keys(config, extra='callbacks.extra'):
+        extra_callbacks.CALLBACKS.get(name)
+  _check(len(set(names)) == len(names), 'callbacks.extra', config.callbacks.extra,
+         'names a callback twice')
+  for name in names:
+    spec = extra_callbacks.CALLBACKS.get(name)
+    problem = spec.check({key: config.callbacks[key] for key in spec.options})
+    if problem:
+      key = f'callbacks.{problem[0]}'
+      _check(False, key, _get(config, key), problem[1])
 
 
 def _check(ok: bool, key: str, value, allowed: str):
@@ -184,6 +202,7 @@ def _validate_federation(config):
     _check(0 <= _get(config, key) < 1, key, _get(config, key), 'must be in [0, 1)')
   _positive(config, 'fl.server_eps')
   _check_algorithm(config)
+  _check_extra_callbacks(config)
   _check(0 <= config.optim.momentum < 1, 'optim.momentum', config.optim.momentum,
          'must be in [0, 1)')
   _check(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay,

@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from fedpeft_jax import resume
 from fedpeft_jax.experiment import console
+from fedpeft_jax.experiment import extra_callbacks
 from fedpeft_jax.experiment import loop
 from fedpeft_jax.federated.algorithms import ALGORITHMS
 from fedpeft_jax.privacy import accounting
@@ -405,6 +406,7 @@ def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpoin
   if experiment.privacy is not None:
     callbacks += [Privacy(experiment.privacy, fl.eval_every, rounds, ledger),
                   SeparateDiagnostics()]
+  callbacks += extra_callbacks.make_all(config, experiment)  # `callbacks.extra` by name.
   callbacks.append(RoundClock())  # Last of the compute phase: its time includes the above.
   if primary:  # Files written once, by process 0.
     callbacks += [MetricsLog(os.path.join(workdir, 'metrics.jsonl')),
