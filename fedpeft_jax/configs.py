@@ -123,9 +123,9 @@ def _model_and_peft(c, method: str) -> None:
 
 def _data(c) -> None:
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'tfds'  # 'tfds', 'folder' or 'synthetic'.
-  c.data.name = 'cifar100'  # TFDS name.
-  c.data.path = ''  # Folder or archive for source='folder'.
+  c.data.source = 'tfds'  # 'tfds', 'folder', 'synthetic' or 'text' (data/sources/).
+  c.data.name = 'cifar100'  # TFDS name; for source='text' with no path, a Hub dataset.
+  c.data.path = ''  # Folder or archive for source='folder' or 'text'.
   c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default.
   c.data.download = False  # Let TFDS download and prepare a missing dataset.
   c.data.train_split = 'train'
@@ -145,6 +145,17 @@ def _data(c) -> None:
   for key, value in partition.option_defaults().items():
     c.data[key.removeprefix('data.')] = value
   c.data.client_feature = ''  # natural on TFDS data: the feature holding the client id.
+  # source='text' (fedpeft_jax/data/sources/text.py; tokenized by model.checkpoint's
+  # tokenizer): the field holding each record's text, or for instruction data the prompt
+  # and response fields (loss on the response only); the field naming each record's client
+  # (natural); tokens a sequence, bos and eos included; clients with fewer training records
+  # are left out of every split, as LEAF does (1: none).
+  c.data.text_field = 'text'
+  c.data.prompt_field = ''
+  c.data.response_field = ''
+  c.data.client_field = 'client'
+  c.data.max_length = 128
+  c.data.min_client_examples = 1
 
 
 def _federated(c, arg: str, options: dict) -> None:

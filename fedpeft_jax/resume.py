@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = ('fl.rounds', 'fl.eval_every', 'checkpoint.', 'eval.batch_si
 DP_LOCKED_KEYS = frozenset({
     'seed', 'fl.num_clients', 'fl.clients_per_round', 'fl.batch_size', 'fl.local_epochs',
     'data.source', 'data.name', 'data.path', 'data.train_split', 'data.num_train_examples',
-    'data.num_classes', 'data.partition', 'data.client_feature',
+    'data.num_classes', 'data.partition', 'data.client_feature', 'data.client_field',
+    'data.min_client_examples',  # Text: who the clients are, and which are left out.
     *partition.option_defaults()})  # Every partition's own keys: data.alpha, ...
 
 # A mismatched state names this many differing leaves, then counts the rest.

@@ -21,7 +21,7 @@ from tests.test_launch import _one_error_line
     ('fl.batch_size', 0, 'must be > 0'),
     ('optim.lr', 0.0, 'must be > 0'),
     ('peft.method', 'bitfit', 'must be one of full, head, bias'),
-    ('data.source', 'hub', 'must be one of folder, synthetic, tfds'),
+    ('data.source', 'hub', 'must be one of folder, synthetic, text, tfds'),
     ('model.name', 'vit_h14', 'must be one of vit_b16'),
     ('model.image_size', 18, 'must be divisible by the patch size 4'),
     ('model.checkpoint', '/nonexistent/ViT-B_16.npz', 'does not exist'),

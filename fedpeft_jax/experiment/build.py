@@ -100,10 +100,16 @@ def load_data(config, split: str, class_names=None) -> sources.Dataset:
               num_examples='data.num_train_examples' if is_train else 'data.num_test_examples',
               clients='data.partition')
   with validation.config_keys(config, **keys), console.phase(f'loading {split!r} data'):
-    return sources.load(
+    ds = sources.load(
         d.source, split=split, image_size=image_size, num_classes=d.num_classes,
         num_examples=num_examples, seed=config.seed, clients=clients,
         class_names=class_names, **source.options(config))
+  # Clients the source left out (text: LEAF's rule). Under DP not printed: a count of small
+  # clients is data that epsilon does not cover.
+  if ds.dropped_clients and config.dp.mode == 'none':
+    console.say(f'{split!r} data: left out the {ds.dropped_clients} clients with fewer than '
+                f'data.min_client_examples={d.min_client_examples} training examples')
+  return ds
 
 
 def partition_spec(config) -> partition_lib.PartitionSpec:
@@ -130,7 +136,9 @@ def load_partition(config) -> tuple[sources.Dataset, list[np.ndarray]]:
 def describe_partition(config, train_set: sources.Dataset,
                        client_indices: list[np.ndarray]) -> dict:
   """What `partition.json` records: the method, the config keys it depends on, the class
-  names, and each client's size and label histogram (and, for natural, its id in the data).
+  names, and each client's size and label histogram (and, for natural, its id in the data);
+  where the source left small clients out (text's data.min_client_examples), how many
+  (`dropped_clients`).
 
   Under DP (`dp.mode` 'client' or 'sample') the per-client part is left out and only
   `num_clients` is recorded: sizes, histograms and ids are computed from the clients' data
@@ -142,6 +150,9 @@ def describe_partition(config, train_set: sources.Dataset,
                'class_names': list(train_set.class_names)}
   if config.dp.mode != 'none':
     return {**described, 'num_clients': len(client_indices)}
+  if train_set.dropped_clients is not None:  # The source left small clients out (text).
+    described['args']['data.min_client_examples'] = flat['data.min_client_examples']
+    described['dropped_clients'] = train_set.dropped_clients
   histograms = partition_lib.label_histograms(train_set.labels, client_indices,
                                               train_set.num_classes)
   clients = [{'size': len(ids), 'label_histogram': counts.tolist()}

@@ -4,8 +4,9 @@ sources registered by name (`SOURCES`): each file here registers one.
 Federated simulation partitions one split across many clients by index, so every source
 returns the full split as numpy arrays rather than a stream. Sources: `folder` (a
 directory or tar archive of `<split>/<class>/*.jpg`, e.g. ../shared/data/*.tar.gz),
-`tfds` (prepared TFDS data, read without TensorFlow through array_record) and `synthetic`
-(learnable noise images for tests). With `clients`, each example's client id is read too:
+`tfds` (prepared TFDS data, read without TensorFlow through array_record), `synthetic`
+(learnable noise images for tests) and `text` (JSON lines, Parquet or CSV records tokenized
+into `Dataset.features` instead of images, for the decoder). With `clients`, each example's client id is read too:
 a folder is then laid out `<split>/<client>/<class>/*.jpg`, a TFDS dataset names it in
 `client_feature`.
 

@@ -21,10 +21,21 @@ from fedpeft_jax import errors
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  images: np.ndarray  # uint8 [N, H, W, 3].
+  """One split, whole, in host memory: N examples, row i of every array the i-th.
+
+  Image sources fill `images`; text sources leave it None and hold their arrays in
+  `features` (the `text` source: {'input_ids': int32 [N, T], 'loss_mask': uint8 [N, T]},
+  T = data.max_length, loss_mask 1 where the token at t is a target predicted from t - 1),
+  with `labels` all 0 and `class_names` ('text',). `dropped_clients`: how many of the
+  split's clients the source left out (the text source's data.min_client_examples, as
+  LEAF drops small clients); None: the source drops none.
+  """
+  images: np.ndarray | None  # uint8 [N, H, W, 3]; None: a source of `features`.
   labels: np.ndarray  # int32 [N], ids into `class_names`.
   class_names: tuple[str, ...]
   client_ids: np.ndarray | None = None  # [N], each example's client; None: not read.
+  features: dict[str, np.ndarray] | None = None  # Name -> [N, ...] arrays; None: images.
+  dropped_clients: int | None = None
 
   @property
   def num_classes(self) -> int:
@@ -77,7 +88,9 @@ class SourceSpec(NamedTuple):
   nothing that opens files or data. `clients`: how its data names each example's client,
   for the natural partition ('' : it cannot). `makes_images`: it makes its images instead of
   reading them, so `num_examples` and `num_classes` say how many, and `image_size` is the
-  model's unless data.storage_size is set.
+  model's unless data.storage_size is set. `features`: the names of the arrays its
+  Datasets hold in `Dataset.features` instead of images (the `text` source: 'input_ids',
+  'loss_mask'); (): it returns images.
   """
   load: Callable[..., Dataset]
   summary: str
@@ -85,6 +98,7 @@ class SourceSpec(NamedTuple):
   check: Callable[[Any, bool], tuple[str, str] | None] = lambda config, needs_data: None
   clients: str = ''
   makes_images: bool = False
+  features: tuple[str, ...] = ()
 
   def options(self, config) -> dict:
     """`load`'s own arguments from `config`, by `keys`."""
@@ -116,8 +130,10 @@ def subset(ds: Dataset, num_examples: int, where: str) -> Dataset:
                     f'drawn from it: ask for 1..{len(ds)}, or None for all of them.',
                     argument='num_examples')
   keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_examples])
-  return Dataset(ds.images[keep], ds.labels[keep], ds.class_names,
-                 None if ds.client_ids is None else ds.client_ids[keep])
+  take = lambda rows: None if rows is None else rows[keep]
+  features = None if ds.features is None else {k: v[keep] for k, v in ds.features.items()}
+  return dataclasses.replace(ds, images=take(ds.images), labels=ds.labels[keep],
+                             client_ids=take(ds.client_ids), features=features)
 
 
 def _fold(name: str) -> str:
@@ -169,9 +185,9 @@ def relabel(own_names: tuple[str, ...], class_names: tuple[str, ...]) -> np.ndar
   return np.asarray([label_of[c] for c in own_names], np.int32)
 
 
-def progress(iterable, description: str, total: int | None = None):
+def progress(iterable, description: str, total: int | None = None, unit: str = 'img'):
   """A progress bar on a terminal; nothing when the output is a file or a pipe."""
-  return tqdm.tqdm(iterable, desc=description, total=total, unit='img', leave=False,
+  return tqdm.tqdm(iterable, desc=description, total=total, unit=unit, leave=False,
                    disable=None)
 
 
