@@ -99,10 +99,14 @@ def base_config(arg: str = 'bias', **option_defaults) -> ml_collections.ConfigDi
 
 def _model_and_peft(c, method: str) -> None:
   c.model = ml_collections.ConfigDict()
-  # A registered model family (fedpeft_jax/model/families/): 'vit'; it names the task.
+  # A registered model family (fedpeft_jax/model/families/): 'vit', 'llama' (Hugging Face
+  # decoders, `checkpoint` their directory or Hub id); it names the task.
   c.model.family = 'vit'
   c.model.name = 'vit_b16'
   c.model.checkpoint = ''  # '' trains from random initialisation.
+  # family 'llama' without a checkpoint: the model's Hugging Face config.json values
+  # (hidden_size, num_hidden_layers, ...), for --mode=masks with no weights downloaded.
+  c.model.hf_config = ml_collections.ConfigDict()
   c.model.image_size = 224
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters stay float32.
   c.model.representation_size = config_dict.placeholder(int)  # pre_logits, off.
@@ -116,7 +120,7 @@ def _model_and_peft(c, method: str) -> None:
   c.peft.method = method
   # Every registered method's options with its defaults (fedpeft_jax/peft/<method>.py):
   # cache_head_features, adapter_reduction, adapter_shared, prompt_tokens, prompt_deep,
-  # lora_rank, lora_alpha, lora_freeze_a (FFA-LoRA), ...
+  # lora_rank, lora_alpha, lora_freeze_a (FFA-LoRA), lora_targets ('q_proj,v_proj'), ...
   for key, value in peft.option_defaults().items():
     c.peft[key] = value
 

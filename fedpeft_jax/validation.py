@@ -25,6 +25,8 @@ AGGREGATIONS = ('auto', 'weighted', 'uniform')
 
 class ConfigError(errors.UserError):
   def __init__(self, key: str, value, allowed: str):
+    if hasattr(value, 'to_dict'):  # A nested ConfigDict (model.hf_config): one line.
+      value = value.to_dict()
     super().__init__(f'--config.{key}={value!r}: {allowed}')
 
 

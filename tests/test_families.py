@@ -13,10 +13,30 @@ from fedpeft_jax.experiment import build
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.model import families
 from fedpeft_jax import tasks
-from tests.conftest import tiny_config
+from tests.conftest import SHARED, tiny_config
+
+TINY_LLAMA = SHARED / 'backbones' / 'tiny_llama_en'
+SHAKESPEARE = SHARED / 'data' / 'shakespeare_roles.tar.gz'
+
+
+def tiny_llama_config():
+  """The shared 1M-parameter decoder with LoRA on a few Shakespeare speeches (text source)."""
+  for path in (TINY_LLAMA / 'model.safetensors', SHAKESPEARE):
+    if not path.exists():
+      pytest.skip(f'{path} (../shared) is not here')
+  if 'text' not in sources.SOURCES:
+    pytest.skip('the text source is not registered')
+  config = tiny_config('lora')
+  config.model.family, config.model.checkpoint = 'llama', str(TINY_LLAMA)
+  config.data.source, config.data.path = 'text', str(SHAKESPEARE)
+  config.data.partition, config.data.max_length = 'iid', 24
+  config.data.num_train_examples = config.data.num_test_examples = 8
+  config.eval.batch_size = 4
+  return config
+
 
 # A tiny config of each family; a new family adds its own here (the test names it).
-TINY = {'vit': lambda: tiny_config('bias')}
+TINY = {'vit': lambda: tiny_config('bias'), 'llama': tiny_llama_config}
 
 
 @pytest.mark.parametrize('name', families.MODEL_FAMILIES.names())

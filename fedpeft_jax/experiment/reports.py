@@ -38,26 +38,58 @@ def _group(path: tuple[str, ...], is_addition: bool) -> str:
   raise ValueError(f'parameter {"/".join(path)} belongs to no group of PARAMETER_GROUPS')
 
 
-def parameter_groups(params) -> dict[str, str]:
-  """Each parameter path ('Transformer/encoder_norm/bias') -> its group in PARAMETER_GROUPS."""
+# The same for a Llama-family decoder (model.family 'llama'), by Hugging Face module name.
+DECODER_GROUPS = ('token_embedding', 'attention', 'mlp', 'norm', 'head', 'peft_additions')
+
+
+def _decoder_group(path: tuple[str, ...], is_addition: bool) -> str:
+  if path[0] == 'lm_head':
+    return 'head'
+  if is_addition:  # Before attention and mlp: LoRA's leaves live in those modules.
+    return 'peft_additions'
+  for part, group in (('embed_tokens', 'token_embedding'), ('self_attn', 'attention'),
+                      ('mlp', 'mlp')):
+    if part in path:
+      return group
+  if path[-1] == 'scale':  # input_layernorm, post_attention_layernorm, norm.
+    return 'norm'
+  raise ValueError(f'parameter {"/".join(path)} belongs to no group of DECODER_GROUPS')
+
+
+# Each model family's groups and the function placing a path in one.
+FAMILY_GROUPS = {'vit': (PARAMETER_GROUPS, _group), 'llama': (DECODER_GROUPS, _decoder_group)}
+
+
+def parameter_groups(params, family: str = 'vit') -> dict[str, str]:
+  """Each parameter path ('Transformer/encoder_norm/bias') -> its group in the family's
+  groups (`FAMILY_GROUPS`: PARAMETER_GROUPS for the ViT)."""
   # Each registered method declares the parameters it adds (`PeftMethod.adds`).
-  return {'/'.join(path): _group(path, peft.is_added(path))
+  place = FAMILY_GROUPS[family][1]
+  return {'/'.join(path): place(path, peft.is_added(path))
           for path in traverse_util.flatten_dict(params)}
 
 
-def group_counts(params, trainable) -> dict[str, int]:
-  """Trainable parameters per group of PARAMETER_GROUPS (every group, zeros included)."""
-  groups = parameter_groups(params)
-  counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+def group_counts(params, trainable, family: str = 'vit') -> dict[str, int]:
+  """Trainable parameters per group of the family's groups (every group, zeros included)."""
+  groups = parameter_groups(params, family)
+  counts = dict.fromkeys(FAMILY_GROUPS[family][0], 0)
   for path, leaf in traverse_util.flatten_dict(trainable, sep='/').items():
     counts[groups[path]] += int(leaf.size)
   return counts
 
 
 def compared_methods(config) -> tuple[str, ...]:
-  """`peft.method` as a comma list ('bias,lora,bias+lora'), or every method without one."""
+  """`peft.method` as a comma list ('bias,lora,bias+lora'), or without one every method
+  the model allows (those refused on it, e.g. `bias` on a bias-free decoder, are named)."""
   method = config.peft.method
-  return tuple(method.split(',')) if ',' in method else peft.METHODS
+  if ',' in method:
+    return tuple(method.split(','))
+  size = build.model_family(config).dimensions(config)
+  refused = {m: peft.check(m, config.peft, size) for m in peft.METHODS}
+  refused = {m: p[1] for m, p in refused.items() if p is not None and p[0] == 'method'}
+  for name, why in refused.items():
+    print(f'not compared: {name} ({why})')
+  return tuple(m for m in peft.METHODS if m not in refused)
 
 
 def mask_report(config) -> dict:
@@ -72,7 +104,7 @@ def mask_report(config) -> dict:
     report[method] = {'trainable': n, 'total': peft.count(params),
                       'bytes_per_transfer': n * callbacks.BYTES_PER_PARAM,
                       'trainable_paths': peft.paths(trainable),
-                      'groups': group_counts(params, trainable)}
+                      'groups': group_counts(params, trainable, config.model.family)}
   if len(report) == 2:
     (a, paths_a), (b, paths_b) = [(m, set(r['trainable_paths'])) for m, r in report.items()]
     report['diff'] = {f'{a} not {b}': sorted(paths_a - paths_b),
@@ -100,7 +132,7 @@ def plot_masks(report: dict, path: str) -> None:
   count_ax.set_xlim(min(totals) / 10, max(totals) * 100)  # Room for the labels.
   count_ax.set_xlabel('trainable parameters (log scale)')
   left = np.zeros(len(methods))
-  for i, group in enumerate(PARAMETER_GROUPS):
+  for i, group in enumerate(report[methods[0]]['groups']):
     share = np.array([report[m]['groups'][group] for m in methods]) / totals
     share_ax.barh(methods, 100 * share, left=100 * left, label=group, color=f'C{i}')
     left += share
@@ -115,13 +147,14 @@ def write_mask_report(config, workdir: str) -> dict:
   report = mask_report(config)
   methods = _methods(report)
   width = max(10, *(len(m) + 2 for m in methods))
-  print(f"{'method':<{width}}{'trainable':>14}{'% of total':>12}{'bytes/transfer':>18}")
+  print(f"{'method':<{width}}{'trainable':>14}{'% of total':>12}{'bytes/transfer':>18}"
+        f"{'total':>16}")
   for method in methods:
     r = report[method]
     print(f"{method:<{width}}{r['trainable']:>14,}{100 * r['trainable'] / r['total']:>11.3f}%"
-          f"{r['bytes_per_transfer']:>18,}")
+          f"{r['bytes_per_transfer']:>18,}{r['total']:>16,}")
   print('\ntrainable by parameter group')
-  print(f"{'method':<{width}}" + ''.join(f'{g:>17}' for g in PARAMETER_GROUPS))
+  print(f"{'method':<{width}}" + ''.join(f'{g:>17}' for g in report[methods[0]]['groups']))
   for method in methods:
     print(f'{method:<{width}}' + ''.join(f'{n:>17,}' for n in report[method]['groups'].values()))
   for side, paths in report.get('diff', {}).items():

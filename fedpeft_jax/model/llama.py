@@ -26,8 +26,11 @@ Hook points for PEFT modules follow `vit.Addition` (the site's `size` is the
 `LlamaConfig`): `encoder` (once, after the embeddings), `projection(site, name, x, out)`
 after every linear map of a block (`name` one of `PROJECTIONS`, `out` [batch, tokens,
 features]), `after_attention` and `after_mlp` (a block's branch before its residual sum).
-`tokens` is not called: a hook that changes the sequence length would have to extend the
-attention mask and positions too.
+`tokens(site, x)` before every block (in `LlamaLayers`; layer 0: what enters the first
+block) may put tokens in FRONT of the sequence only (soft prompts): the model extends the
+attention mask with ones and the positions (the prefix at 0..P-1, every token after it
+shifted by P, as Hugging Face PEFT's prompt tuning does), and drops the prefix from the
+output, so the logits keep the input's length.
 """
 from __future__ import annotations
 
@@ -363,9 +366,22 @@ class LlamaDecoderLayer(nn.Module):
     return x + y
 
 
+def extend_prefix(attention_mask: jax.Array, positions: jax.Array, added: int):
+  """The attention mask and positions [batch, tokens] of a sequence with `added` tokens
+  put in front: the new tokens are real (mask 1) at positions 0..added-1, and every
+  position after them grows by `added`."""
+  batch = attention_mask.shape[0]
+  front = jnp.broadcast_to(jnp.arange(added, dtype=positions.dtype), (batch, added))
+  return (jnp.concatenate([jnp.ones((batch, added), attention_mask.dtype), attention_mask],
+                          axis=1),
+          jnp.concatenate([front, positions + added], axis=1))
+
+
 class LlamaLayers(nn.Module):
-  """The blocks, named '0', '1', ... (HF's `model.layers.{i}`). Hook point:
-  `Addition.encoder` once, before block 0; its result is each addition's `site.state`."""
+  """The blocks, named '0', '1', ... (HF's `model.layers.{i}`). Hook points:
+  `Addition.encoder` once, before block 0 (its result is each addition's `site.state`);
+  `Addition.tokens` before every block, which may only put tokens in front (a prefix,
+  `extend_prefix`); the prefix is dropped from the output."""
   config: LlamaConfig
   dtype: Dtype
   param_dtype: Dtype
@@ -373,15 +389,28 @@ class LlamaLayers(nn.Module):
   additions: vit.Additions = ()
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, attention_mask, positions):
     c = self.config
     states = tuple(addition.encoder(
         vit.Site(self, c, self.dtype, self.param_dtype, None, None), x)
         for addition in self.additions)
+    prefix, mask = 0, None
     for i in range(c.num_hidden_layers):
+      length = x.shape[1]
+      for addition, state in zip(self.additions, states):
+        x = addition.tokens(vit.Site(self, c, self.dtype, self.param_dtype, i, state), x)
+      added = x.shape[1] - length
+      if added < 0:
+        raise ValueError(f'a tokens hook removed {-added} tokens before block {i}: the '
+                         'decoder only allows tokens put in front')
+      if added:
+        attention_mask, positions = extend_prefix(attention_mask, positions, added)
+        prefix, mask = prefix + added, None
+      if mask is None:
+        mask = attention_mask_4d(attention_mask, c.sliding_window)
       x = LlamaDecoderLayer(c, self.dtype, self.param_dtype, self.implementation, i,
                             self.additions, states, name=str(i))(x, mask, positions)
-    return x
+    return x[:, prefix:]
 
 
 class LlamaModel(nn.Module):
@@ -401,9 +430,9 @@ class LlamaModel(nn.Module):
                               self.additions)
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
-  def __call__(self, input_ids, mask, positions):
+  def __call__(self, input_ids, attention_mask, positions):
     x = self.embed_tokens(input_ids)
-    return self.norm(self.layers(x, mask, positions))
+    return self.norm(self.layers(x, attention_mask, positions))
 
   def attend(self, x):
     """x [..., hidden] times the embedding table transposed: the tied head."""
@@ -439,10 +468,9 @@ class LlamaForCausalLM(nn.Module):
     attention_mask = attention_mask.astype(jnp.int32)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    mask = attention_mask_4d(attention_mask, c.sliding_window)
     model = LlamaModel(c, self.dtype, self.param_dtype, self.attention,
                        tuple(self.additions), name='model')
-    x = model(input_ids, mask, positions)
+    x = model(input_ids, attention_mask, positions)
     if c.tie_word_embeddings:
       logits = model.attend(x)
     else:

@@ -97,7 +97,8 @@ def modules_for(method: str, **options) -> vit.Additions:
 def labels(method: str, params, *, freeze_lora_a: bool = False, **options):
   """The `'trainable'`/`'frozen'` label tree of `method` for `params`.
 
-  Every method trains the classifier head. `options` are the methods' options by name
+  Every method trains the classifier head (`head/...`, the ViT's new one; a decoder's
+  pretrained `lm_head` trains under `head` alone, as Hugging Face PEFT counts). `options` are the methods' options by name
   (those that decide what is frozen, e.g. `lora_freeze_a`). `freeze_lora_a`: FFA-LoRA
   (Sun et al. 2024), the same as `lora_freeze_a=True`: LoRA's A matrices stay at their
   initialisation, which every client shares (it comes from the run's seed), and only B

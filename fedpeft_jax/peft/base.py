@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+from fedpeft_jax.model import llama
 from fedpeft_jax.model import vit
 
 TRAINABLE = 'trainable'
@@ -22,6 +23,12 @@ def named(*names: str) -> Callable[[Path], bool]:
   """Whether any part of a path is one of `names` or starts with one of them and '_'
   (`named('lora')` matches 'lora_query_a', not 'lorax')."""
   return lambda path: any(p == n or p.startswith(n + '_') for p in path for n in names)
+
+
+def is_decoder(size) -> bool:
+  """Whether a model family's dimensions (`ModelFamily.dimensions`, the `size` a check
+  gets) are a Llama-family decoder's (`llama.LlamaConfig`); else a ViT's (`vit.ViTSize`)."""
+  return isinstance(size, llama.LlamaConfig)
 
 
 def positive(options: Options, *names: str) -> Problem:
@@ -54,7 +61,9 @@ class PeftMethod(NamedTuple):
     frozen: (path, options) -> whether a leaf it would train stays frozen under these
       options (FFA-LoRA's A matrices).
     check: (options, model size) -> the first bad option as (name, what is allowed), or
-      None; run at launch for every method in `peft.method`.
+      None; run at launch for every method in `peft.method`. The size is the model
+      family's `dimensions` (`vit.ViTSize`, or the decoder's `llama.LlamaConfig`:
+      `is_decoder`); ('method', why) refuses the method itself on that model.
     identity_at_init: its additions, as initialised, leave the model's function unchanged
       (zero up-projection, zero LoRA B); False for prompts. The contract test holds every
       method to what it declares.
@@ -67,7 +76,7 @@ class PeftMethod(NamedTuple):
   options: Mapping[str, Any] = {}
   addition: Optional[Callable[[Options], vit.Addition]] = None
   frozen: Callable[[Path, Options], bool] = lambda path, options: False
-  check: Callable[[Options, vit.ViTSize], Problem] = lambda options, size: None
+  check: Callable[[Options, Any], Problem] = lambda options, size: None
   identity_at_init: bool = True
   order: int = 100
 

@@ -5,6 +5,12 @@ every block, VPT-shallow inserts them before the first only.
 One parameter, `Transformer/prompt`: [layers, prompt_tokens, hidden], layers the
 block count (deep) or 1, initialised uniformly (Xavier over the patch fan-in and the
 hidden size, as VPT does). Prompts are not zero: the model changes at initialisation.
+
+On a Llama-family decoder the prompts go in FRONT of the sequence (soft prompt tuning,
+Lester et al. 2021; deep: a fresh set before every block, as P-tuning v2 places one per
+layer), `model/layers/prompt`, initialised uniformly over +-sqrt(3 / hidden) (Xavier with
+fan-in = fan-out = hidden); the decoder extends the attention mask and positions for them
+and drops them from its logits (`llama.LlamaLayers`), so the task sees the input's length.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import jax.numpy as jnp
 
 from fedpeft_jax.model import vit
 from fedpeft_jax.peft import PEFT_METHODS
-from fedpeft_jax.peft.base import PeftMethod, positive
+from fedpeft_jax.peft.base import PeftMethod, is_decoder, positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +32,9 @@ class Prompts(vit.Addition):
 
   def encoder(self, site, x):
     hidden, size = x.shape[-1], site.size
-    # VPT's uniform Xavier init over the patch fan-in and the hidden size.
-    fan_in = 3 * size.patch_size ** 2
+    # VPT's uniform Xavier init over the patch fan-in and the hidden size (decoder: the
+    # hidden size, a token embedding's).
+    fan_in = hidden if is_decoder(size) else 3 * size.patch_size ** 2
     bound = (6.0 / (fan_in + hidden)) ** 0.5
     layers = size.num_layers if self.deep else 1
     init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -39,6 +46,8 @@ class Prompts(vit.Addition):
     if i > 0 and not self.deep:
       return x
     tokens = jnp.broadcast_to(prompts[i], (x.shape[0],) + prompts.shape[1:])
+    if is_decoder(site.size):  # In front; the decoder extends its mask and positions.
+      return jnp.concatenate([tokens, x if i == 0 else x[:, self.num_tokens:]], axis=1)
     rest = x[:, 1:] if i == 0 else x[:, 1 + self.num_tokens:]  # Insert, else replace.
     return jnp.concatenate([x[:, :1], tokens, rest], axis=1)
 
