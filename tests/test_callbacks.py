@@ -132,6 +132,35 @@ def test_round_clock_carries_wall_time_across_a_restart(monkeypatch):
   assert c == {'round_s': 2, 'wall_s': 12}
 
 
+def test_round_zero_is_the_initial_model_with_nothing_sent_and_no_epsilon_spent(monkeypatch):
+  """Each compute callback's part of round 0, on the initial state; evaluated whatever
+  `every` says, timed apart from round 1."""
+  state = _state(0, 0.5)
+  assert callbacks.Traffic(10).on_round_zero(state, {}) == {'bytes_cumulative': 0}
+  assert callbacks.RoundSummary(6).on_round_zero(state, {}) == {
+      'trainable_params': 6, 'trainable_sha256': callbacks.tree_sha256(
+          {'head': {'kernel': np.full((2, 3), 0.5, np.float32)}})}
+  seen = []
+  evaluation = callbacks.Evaluation(lambda t: seen.append(t) or {'test_accuracy': 0.25},
+                                    every=5, rounds=10)
+  assert evaluation.on_round_zero(state, {}) == {'test_accuracy': 0.25}
+  assert seen == [state.trainable]
+  spec = accounting.PrivacySpec(mode='client', noise_multiplier=1.0, delta=1e-5, rounds=4,
+                                num_clients=64, clients_per_round=8)
+  privacy = callbacks.Privacy(spec, every=1, rounds=4)
+  assert privacy.on_round_zero(state, {}) == {'epsilon': 0.0}
+  assert len(privacy.ledger) == 0  # Nothing recorded: round 1 composes one round.
+  one = privacy.on_round_end(1, _state(1), _metrics(), {})['epsilon']
+  assert one == pytest.approx(accounting.epsilon(dataclasses.replace(spec, rounds=1)),
+                              rel=1e-9)
+  now = iter([100.0, 101.5, 104.0])
+  monkeypatch.setattr(callbacks.time, 'perf_counter', lambda: next(now))
+  clock = callbacks.RoundClock()
+  clock.on_run_start(state)
+  assert clock.on_round_zero(state, {}) == {'wall_s': 1.5}
+  assert clock.on_round_end(1, _state(1), _metrics(), {}) == {'round_s': 2.5, 'wall_s': 4.0}
+
+
 def test_metrics_log_drops_rounds_after_the_resumed_checkpoint_and_a_torn_line(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text(''.join(json.dumps({'round': r}) + '\n' for r in (1, 2, 3)) + '{"rou')
@@ -140,6 +169,20 @@ def test_metrics_log_drops_rounds_after_the_resumed_checkpoint_and_a_torn_line(t
   log.on_round_end(3, _state(3), _metrics(), {'round': 3, 'x': 1})
   log.on_run_end(_state(3))
   assert callbacks.read_metrics(str(path)) == [{'round': 1}, {'round': 2}, {'round': 3, 'x': 1}]
+
+
+def test_metrics_log_keeps_round_zero_on_resume_and_a_fresh_start_writes_it_anew(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'round': r}) + '\n' for r in (0, 1, 2)))
+  resumed = callbacks.MetricsLog(str(path))
+  resumed.on_run_start(_state(1))
+  resumed.on_run_end(_state(1))
+  assert callbacks.read_metrics(str(path)) == [{'round': 0}, {'round': 1}]
+  fresh = callbacks.MetricsLog(str(path))  # Died before its first checkpoint: anew.
+  fresh.on_run_start(_state(0))
+  fresh.on_round_zero(_state(0), {'round': 0, 'test_accuracy': 0.25})
+  fresh.on_run_end(_state(0))
+  assert callbacks.read_metrics(str(path)) == [{'round': 0, 'test_accuracy': 0.25}]
 
 
 def test_tensorboard_writes_scalars_that_tensorboard_reads_and_purges_on_resume(tmp_path):
@@ -164,6 +207,28 @@ def test_tensorboard_writes_scalars_that_tensorboard_reads_and_purges_on_resume(
           ] == [(2, 0.5)]
 
 
+def test_tensorboard_has_round_zero_at_step_zero_and_a_fresh_restart_hides_a_dead_attempt(
+    tmp_path, monkeypatch):
+  import tensorboardX.event_file_writer
+  zero = {'round': 0, 'test_accuracy': 0.25, 'bytes_cumulative': 0}
+  # The first attempt died after round 1, before a checkpoint; the second is in round 1.
+  for start, rounds in ((1.7e9, (1,)), (1.7e9 + 60, ())):
+    # Event files are named by the second they start in: a minute apart, as in life.
+    monkeypatch.setattr(tensorboardX.event_file_writer.time, 'time', lambda: start)
+    board = callbacks.TensorBoard(str(tmp_path))
+    board.on_run_start(_state(0))
+    board.on_round_zero(_state(0), zero)
+    for r in rounds:
+      board.on_round_end(r, _state(r), _metrics(), {'round': r, 'test_accuracy': 0.5,
+                                                    'train_loss': 1.0})
+    board.on_run_end(_state(len(rounds)))
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('accuracy/test')] == [(0, 0.25)]
+  assert [(e.step, e.value) for e in events.Scalars('traffic/sent_MiB')] == [(0, 0.0)]
+  assert events.Scalars('loss/train') == []  # The dead attempt's round 1: hidden.
+
+
 def test_console_line_says_accuracy_only_when_evaluated_and_traffic_in_mib(capsys):
   console = callbacks.Console(rounds=4)
   console.on_run_start(_state())
@@ -178,6 +243,11 @@ def test_console_line_says_accuracy_only_when_evaluated_and_traffic_in_mib(capsy
   assert lines[1].startswith('round    2/4  acc 0.6250  loss') and lines[1].endswith('eta 6 s')
   assert lines[2] == ('round 3: no sampled client reported an update with examples (2 sampled); '
                       'the model is unchanged')
+  console.on_round_zero(_state(), {'round': 0, 'test_accuracy': 0.25, 'bytes_cumulative': 0})
+  console.on_round_zero(_state(), {'round': 0, 'test_accuracy': 0.5, 'epsilon': 0.0})
+  assert capsys.readouterr().out.splitlines() == [
+      'round    0/4  acc 0.2500  the initial model, before training',
+      'round    0/4  acc 0.5000  eps 0  the initial model, before training']
 
 
 class FakeCheckpointer:
@@ -252,6 +322,10 @@ PLAIN_KEYS = ['round', 'bytes_up', 'bytes_down', 'bytes_cumulative', 'train_loss
 DP_KEYS = ['round', 'bytes_up', 'bytes_down', 'bytes_cumulative', 'trainable_params',
            'trainable_sha256', 'test_accuracy', 'epsilon', 'noise_multiplier', 'clip_norm',
            'diagnostics', 'round_s', 'wall_s']
+# Round 0's (the initial model): no client took part, so no loss, cohort or diagnostics.
+ZERO_KEYS = ['round', 'bytes_cumulative', 'trainable_params', 'trainable_sha256',
+             'test_accuracy', 'wall_s']
+ZERO_DP_KEYS = ZERO_KEYS[:-1] + ['epsilon', 'wall_s']
 
 
 class FakeCheckpointerIn(FakeCheckpointer):
@@ -297,9 +371,11 @@ def test_the_standard_callbacks_keep_the_contract_and_the_files_layout(tmp_path,
   stateful = [c.name for c in standard if isinstance(c, loop.Stateful)]
   assert len(set(stateful)) == len(stateful)
   lines = callbacks.read_metrics(str(tmp_path / 'metrics.jsonl'))
-  assert [list(line) for line in lines] == [DP_KEYS if dp else PLAIN_KEYS] * 2
+  assert [list(line) for line in lines] == ([ZERO_DP_KEYS if dp else ZERO_KEYS]
+                                             + [DP_KEYS if dp else PLAIN_KEYS] * 2)
+  assert lines[0]['bytes_cumulative'] == 0 and lines[0]['epsilon' if dp else 'round'] == 0
   if dp:
-    assert list(lines[0]['diagnostics']) == list(callbacks.DIAGNOSTICS)
+    assert list(lines[1]['diagnostics']) == list(callbacks.DIAGNOSTICS)
   assert (tmp_path / 'trainable.npz').exists()
   # Every stateful callback's values are in every checkpoint, and survive JSON.
   assert [(r, sorted(meta)) for r, meta in checkpointer.saved] == [(1, sorted(stateful)),
@@ -328,7 +404,7 @@ def test_a_checkpoint_older_than_a_stateful_callback_resumes_it_fresh_with_a_war
       "the checkpoint in /w/checkpoints holds no values of callback 'traffic' (it predates "
       'that callback): it starts fresh']
   lines = callbacks.read_metrics(str(tmp_path / 'metrics.jsonl'))
-  assert [line['round'] for line in lines] == [1, 2, 3]
+  assert [line['round'] for line in lines] == [0, 1, 2, 3]  # Round 0 kept, not made again.
 
 
 def test_two_stateful_callbacks_of_one_name_are_refused():

@@ -60,4 +60,4 @@ def test_one_config_line_adds_a_callback_to_a_run(tmp_path):
   config.fl.rounds, config.optim.lr, config.fl.eval_every = 6, 0.0, 1
   config.callbacks.extra, config.callbacks.early_stop_patience = 'early_stop', 1
   records = train.train(config, str(tmp_path))
-  assert [r['round'] for r in records] == [1, 2]
+  assert [r['round'] for r in records] == [0, 1, 2]  # Round 0 is no evaluation it counts.

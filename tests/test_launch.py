@@ -62,7 +62,8 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
   assert 'resuming from round' in resumed.stdout
   assert _last_sha(tmp_path / 'killed') == _last_sha(tmp_path / 'straight')
   lines = (tmp_path / 'killed' / 'metrics.jsonl').read_text().splitlines()
-  assert [json.loads(l)['round'] for l in lines] == list(range(1, 61))  # No duplicates.
+  # Round 0 (the initial model) once, then every round: no duplicates.
+  assert [json.loads(l)['round'] for l in lines] == list(range(0, 61))
   exported = np.load(tmp_path / 'killed' / 'trainable.npz')
   assert 'head/kernel' in exported.files and 'Transformer/encoder_norm/bias' in exported.files
   assert _checkpointed_rounds(tmp_path / 'killed') == [58, 59, 60]  # checkpoint.keep=3
@@ -70,7 +71,7 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
   again = launch(tmp_path / 'killed', *LONG_RUN)  # Finished: says so, loads nothing.
   assert again.returncode == 0 and 'holds a finished run (60 rounds)' in again.stdout
   assert 'loading' not in again.stdout
-  assert len((tmp_path / 'killed' / 'metrics.jsonl').read_text().splitlines()) == 60
+  assert len((tmp_path / 'killed' / 'metrics.jsonl').read_text().splitlines()) == 61
 
 
 def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path):
@@ -210,9 +211,10 @@ def test_offline_pcam_config_runs_through_launch(tmp_path):
        '--config.fl.clients_per_round=2', '--config.data.num_test_examples=1000'],
       cwd=REPO, env=OPTIMIZED_XLA_ENV, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'round    1/1' in result.stdout
-  record = json.loads((tmp_path / 'metrics.jsonl').read_text())
-  # A pretrained backbone with a zero head predicts one class (~50%) before training;
-  # one round on 2 clients must already move it.
+  assert 'round    0/1' in result.stdout and 'round    1/1' in result.stdout
+  zero, record = map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
+  # A pretrained backbone with a zero head predicts one class (~50%) before training, as
+  # round 0 shows; one round on 2 clients must already move it.
+  assert zero['round'] == 0 and 0.4 < zero['test_accuracy'] < 0.6, zero
   assert record['test_accuracy'] > 0.55, record
   assert record['trainable_params'] == 26_114

@@ -50,6 +50,47 @@ def test_a_finished_state_runs_no_round():
   assert calls == [('a', 'start', 5), ('a', 'end', 5)]
 
 
+class Zeroed(loop.Callback):
+  """Logs round 0 and round 1; adds `adds` to round 0 (a filter: the record it makes)."""
+
+  def __init__(self, name, phase, calls, adds=None):
+    self.name, self.phase, self.calls, self.adds = name, phase, calls, adds
+
+  def on_round_zero(self, state, record):
+    self.calls.append((self.name, 'zero', int(state.round), dict(record)))
+    return self.adds(record) if callable(self.adds) else self.adds
+
+  def on_round_end(self, round_index, state, metrics, record):
+    self.calls.append((self.name, 'round', round_index))
+
+
+def test_a_fresh_run_makes_round_zero_by_phase_before_round_one_a_resumed_one_does_not():
+  calls = []
+  hide = lambda record: {**record, 'x': 'hidden'}
+  given = [Zeroed('writer', 'write', calls), Zeroed('filter', 'filter', calls, hide),
+           Zeroed('compute', 'compute', calls, {'x': 1}), Phased('plain', 'compute', calls)]
+  loop.run(_counting_round, _state(0), 1, given)
+  assert [c for c in calls if c[0] != 'plain'] == [
+      ('compute', 'zero', 0, {'round': 0}), ('filter', 'zero', 0, {'round': 0, 'x': 1}),
+      ('writer', 'zero', 0, {'round': 0, 'x': 'hidden'}),
+      ('compute', 'round', 1), ('filter', 'round', 1), ('writer', 'round', 1)]
+  # A callback without on_round_zero sees only the rounds.
+  assert [c[:2] for c in calls if c[0] == 'plain'] == [('plain', 'start'), ('plain', 1),
+                                                       ('plain', 'end')]
+  assert loop.round_zero(loop.in_phase_order(given), _state(0)) == {'round': 0, 'x': 'hidden'}
+  calls.clear()
+  loop.run(_counting_round, _state(1), 2, given)
+  assert [c[1] for c in calls if c[0] != 'plain'] == ['round'] * 3
+
+
+def test_round_zero_cannot_stop_the_run_or_add_a_key_twice():
+  with pytest.raises(TypeError, match=r'Zeroed\.on_round_zero returned Stop: return a dict or '
+                     r'None'):
+    loop.run(_counting_round, _state(0), 1, [Zeroed('z', 'compute', [], loop.Stop('no'))])
+  with pytest.raises(ValueError, match=r"Zeroed adds \['round'\], already in the record"):
+    loop.run(_counting_round, _state(0), 1, [Zeroed('z', 'compute', [], {'round': 1})])
+
+
 class Phased(loop.Callback):
   """Logs its hooks; returns `adds` (a dict, a Stop, a record maker) from on_round_end."""
 

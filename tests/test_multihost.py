@@ -54,9 +54,10 @@ def test_two_processes_train_like_one_with_all_devices_and_resume_after_a_kill(t
   _finish(single)
   expected = _records(tmp_path / 'single')[-1]['trainable_sha256']
   records = _records(tmp_path / 'pair')
-  assert [r['round'] for r in records] == [1, 2, 3]  # Written once, by process 0.
+  assert [r['round'] for r in records] == [0, 1, 2, 3]  # Written once, by process 0.
   assert records[-1]['trainable_sha256'] == expected
-  assert 'round    3/3' in outputs[0] and 'round' not in outputs[1]
+  assert 'round    0/3' in outputs[0] and 'round    3/3' in outputs[0]
+  assert 'round' not in outputs[1]
   assert (tmp_path / 'pair' / 'trainable.npz').exists()
   assert len(os.listdir(tmp_path / 'pair' / 'tb')) == 1
 
@@ -72,3 +73,4 @@ def test_two_processes_train_like_one_with_all_devices_and_resume_after_a_kill(t
   resumed = [_finish(p) for p in _start_pair(killed, _free_port())]
   assert 'resuming from round' in resumed[0]
   assert _records(killed)[-1]['trainable_sha256'] == expected
+  assert [r['round'] for r in _records(killed)] == [0, 1, 2, 3]

@@ -16,12 +16,13 @@ from tests.conftest import REPO, tiny_config
 from tests.test_launch import _one_error_line
 
 MIB = 2**20
-ROUNDS = 4  # Evaluated on rounds 2 and 4.
-# (config argument, seed) -> test accuracy on rounds 2 and 4. With the default target 0.7,
-# bias reaches it on round 4 (seed 0) and 2 (seed 1); bias+lora under DP only with seed 1,
-# exactly, on round 2.
-ACCURACY = {('bias', 0): (0.60, 0.75), ('bias', 1): (0.72, 0.71),
-            ('bias+lora,dp=client', 0): (0.50, 0.60), ('bias+lora,dp=client', 1): (0.70, 0.68)}
+ROUNDS = 4  # Evaluated on rounds 0 (the initial model), 2 and 4.
+# (config argument, seed) -> test accuracy on rounds 0, 2 and 4. With the default target
+# 0.7, bias reaches it on round 4 (seed 0) and 2 (seed 1); bias+lora under DP only with seed
+# 1, at round 0 already: its initial model is its best, and not its best after training.
+ACCURACY = {('bias', 0): (0.50, 0.60, 0.75), ('bias', 1): (0.50, 0.72, 0.71),
+            ('bias+lora,dp=client', 0): (0.50, 0.50, 0.60),
+            ('bias+lora,dp=client', 1): (0.72, 0.70, 0.68)}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -31,17 +32,21 @@ def _config(arg, seed):
   return config
 
 
-def _records(arg, seed):
+def _records(arg, seed, round_zero=True):
   """metrics.jsonl records as a run writes them; traffic varies by round and seed, as
-  Poisson sampling makes it."""
+  Poisson sampling makes it. Without `round_zero`, as runs made before round 0 was written."""
   trainable = 772 if arg == 'bias' else 2820
   records, sent = [], 0
+  if round_zero:
+    records.append({'round': 0, 'bytes_cumulative': 0, 'trainable_params': trainable,
+                    'test_accuracy': ACCURACY[arg, seed][0],
+                    **({'epsilon': 0.0} if 'dp=client' in arg else {}), 'wall_s': 0.5})
   for r in range(1, ROUNDS + 1):
     sent += 4 * trainable * 2 * (3 + (r + seed) % 3)
     record = {'round': r, 'train_loss': 1.0 / r, 'bytes_cumulative': sent,
               'trainable_params': trainable, 'wall_s': 1.5 * r + seed}
     if r % 2 == 0:
-      record['test_accuracy'] = ACCURACY[arg, seed][r // 2 - 1]
+      record['test_accuracy'] = ACCURACY[arg, seed][r // 2]
       if 'dp=client' in arg:
         record['epsilon'] = 0.8 * r + 0.1 * seed
     records.append(record)
@@ -82,15 +87,20 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
                      ('method=bias+lora, dp=client', 'bias+lora,dp=client')):
     runs = [metrics[arg, seed] for seed in (0, 1)]
     evaluated = [[r for r in run if 'test_accuracy' in r] for run in runs]
+    assert [[r['round'] for r in e] for e in evaluated] == [[0, 2, 4]] * 2
+    trained = [e[1:] for e in evaluated]  # Best and swing: of the trained model.
     finals = [run[-1]['test_accuracy'] for run in runs]
-    bests = [max(r['test_accuracy'] for r in e) for e in evaluated]
+    bests = [max(r['test_accuracy'] for r in e) for e in trained]
     swings = [statistics.mean(abs(b['test_accuracy'] - a['test_accuracy'])
-                              for a, b in zip(e, e[1:])) for e in evaluated]
+                              for a, b in zip(e, e[1:])) for e in trained]
+    # The target counts from round 0: reached at 0 MiB if the initial model reaches it.
     reached = [next((r['bytes_cumulative'] for r in e if r['test_accuracy'] >= 0.7), None)
                for e in evaluated]
     reached = [b for b in reached if b is not None]
     row = rows[label]
     assert row['n'] == 2 and row['rounds'] == ROUNDS and row['target_accuracy'] == 0.7
+    assert row['initial_accuracy_mean'] == pytest.approx(
+        statistics.mean(e[0]['test_accuracy'] for e in evaluated))
     assert row['final_accuracy_mean'] == pytest.approx(statistics.mean(finals))
     assert row['final_accuracy_std'] == pytest.approx(statistics.stdev(finals))
     assert row['best_accuracy_mean'] == pytest.approx(statistics.mean(bests))
@@ -106,7 +116,11 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
   # The hand-picked accuracies: both bias seeds reach 70% (rounds 4 and 2), one DP seed does.
   assert rows['method=bias, dp=none']['reached_target'] == 2
   assert rows['method=bias, dp=none']['swing_mean'] == pytest.approx((0.15 + 0.01) / 2)
-  assert rows['method=bias+lora, dp=client']['reached_target'] == 1
+  dp = rows['method=bias+lora, dp=client']
+  assert dp['reached_target'] == 1 and dp['mib_to_target_mean'] == 0  # Seed 1's round 0.
+  assert dp['best_accuracy_mean'] == pytest.approx((0.60 + 0.70) / 2)  # Not 0.72: round 0.
+  assert dp['swing_mean'] == pytest.approx((0.10 + 0.02) / 2)
+  assert dp['initial_accuracy_mean'] == pytest.approx((0.50 + 0.72) / 2)
   assert rows['method=bias+lora, dp=client']['epsilon_mean'] == pytest.approx(
       statistics.mean([3.2, 3.3]))
   assert rows['method=bias, dp=none']['epsilon_mean'] is None
@@ -118,12 +132,48 @@ def test_the_table_is_the_seed_statistics_of_the_metrics_files(sweep_root):
     assert written == {k: '' if v is None else str(v) for k, v in row.items()}
   markdown = (sweep_root / 'report.md').read_text()
   bias = rows['method=bias, dp=none']
-  assert (f"| method=bias, dp=none | 2 | {100 * bias['final_accuracy_mean']:.2f} ± "
+  assert (f"| method=bias, dp=none | 2 | 50.00 | {100 * bias['final_accuracy_mean']:.2f} ± "
           f"{100 * bias['final_accuracy_std']:.2f} |") in markdown
   assert f"| {100 * bias['swing_mean']:.2f} ± {100 * bias['swing_std']:.2f} |" in markdown
   assert f"{bias['mib_to_target_mean']:.2f} (2/2)" in markdown
   assert '![accuracy_vs_epsilon](accuracy_vs_epsilon.png)' in markdown
   assert '`nested/deeper/bias_seed1`' in markdown
+
+
+def test_curves_start_at_the_initial_model_where_every_seed_has_round_zero(tmp_path,
+                                                                        monkeypatch):
+  """Round 0: x 0 (round, MiB, epsilon) and the initial accuracy; a seed without one (a run
+  made before round 0 was written) starts the group's curve at the first common round."""
+  for seed in (0, 1):
+    _write_run(tmp_path / f'dp_{seed}', _config('bias+lora,dp=client', seed),
+               _records('bias+lora,dp=client', seed))
+  runs = [results.load_run(str(tmp_path / f'dp_{seed}')) for seed in (0, 1)]
+  initial = [ACCURACY['bias+lora,dp=client', seed][0] for seed in (0, 1)]
+  for key in ('round', 'bytes_cumulative', 'epsilon'):
+    x, mean, std = results.curve(runs, key)
+    assert x[0] == 0 and mean[0] == pytest.approx(statistics.mean(initial))
+    assert std[0] == pytest.approx(statistics.stdev(initial)) and len(x) == 3
+  sent, _, _ = results.curve(runs, 'bytes_cumulative')
+  assert list(sent[1:]) == [statistics.mean(r.metrics[t]['bytes_cumulative'] for r in runs)
+                         for t in (2, 4)]
+  _write_run(tmp_path / 'old', _config('bias+lora,dp=client', 2),
+             _records('bias+lora,dp=client', 1, round_zero=False))
+  old = results.load_run(str(tmp_path / 'old'))
+  assert old.initial is None and [r['round'] for r in old.trained] == [2, 4]
+  x, mean, _ = results.curve(runs + [old], 'round')
+  assert list(x) == [2, 4]
+  row = results.summarize('g', runs + [old], 0.7)
+  assert row['initial_accuracy_mean'] == pytest.approx(statistics.mean(initial))
+  assert results.summarize('g', [old], 0.7)['initial_accuracy_mean'] is None
+  # The communication figure draws 0 MiB (a log axis could not), linear up to the
+  # smallest traffic of a round.
+  drawn = []
+  monkeypatch.setattr(results, '_save', lambda fig, path: drawn.append(fig))
+  results.plot_accuracy_vs_communication({'g': runs}, 0.7, str(tmp_path / 'c.png'))
+  ax = drawn[0].axes[0]
+  line = [l for l in ax.get_lines() if l.get_label().startswith('g ')][0]
+  assert ax.get_xscale() == 'symlog' and line.get_xdata()[0] == 0
+  assert ax.xaxis.get_transform().linthresh == pytest.approx(sent[1] / MIB)
 
 
 def test_the_figures_are_pngs_and_epsilon_only_under_dp(sweep_root, tmp_path_factory):
@@ -205,7 +255,7 @@ def test_a_single_seed_has_no_std(tmp_path):
 
 def test_a_dp_run_without_noise_reports_infinite_epsilon(tmp_path):
   records = _records('bias+lora,dp=client', 0)
-  for r in records[1::2]:
+  for r in records[2::2]:  # Rounds 2 and 4; round 0 spent nothing.
     r['epsilon'] = 'inf'  # As a run writes it: JSON has no infinity.
   _write_run(tmp_path / 'run', _config('bias+lora,dp=client', 0), records)
   row = results.write_report(str(tmp_path))['method=bias+lora']
@@ -266,7 +316,9 @@ def test_a_real_run_reported_from_the_command_line(tmp_path):
   with open(tmp_path / 'sweep' / 'report.csv') as f:
     (row,) = csv.DictReader(f)
   assert float(row['final_accuracy_mean']) == history[-1]['test_accuracy']
-  assert float(row['best_accuracy_mean']) == max(r['test_accuracy'] for r in history)
+  assert [r['round'] for r in history] == [0, 1, 2]
+  assert float(row['initial_accuracy_mean']) == history[0]['test_accuracy']
+  assert float(row['best_accuracy_mean']) == max(r['test_accuracy'] for r in history[1:])
   assert float(row['total_mib_mean']) == history[-1]['bytes_cumulative'] / MIB
   assert int(row['trainable_params']) == 772 and int(row['rounds']) == 2
   assert float(row['target_accuracy']) == 0.7 and row['epsilon_mean'] == ''

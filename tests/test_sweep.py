@@ -77,7 +77,10 @@ def _final_shas(root):
   for point in sorted(os.listdir(root)):
     metrics = root / point / 'metrics.jsonl'
     if metrics.exists():
-      shas[point] = json.loads(metrics.read_text().splitlines()[-1])['trainable_sha256']
+      lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+      # Round 0 (the initial model) once, then every round of SHORT's 3.
+      assert [line['round'] for line in lines] == [0, 1, 2, 3], point
+      shas[point] = lines[-1]['trainable_sha256']
   return shas
 
 

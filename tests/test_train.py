@@ -11,12 +11,17 @@ from dp_accounting.pld import pld_privacy_accountant
 from tensorboard.backend.event_processing import event_accumulator
 
 from fedpeft_jax.data import partition, sources
+from fedpeft_jax.experiment import build
+from fedpeft_jax.experiment import callbacks
 from fedpeft_jax.experiment import train
 from tests.conftest import tiny_config
 
 METRIC_KEYS = {'round', 'train_loss', 'clients', 'bytes_up', 'bytes_down',
                'bytes_cumulative', 'trainable_params', 'trainable_sha256', 'wall_s', 'round_s',
                'clients_reported', 'clients_nonfinite'}
+# Round 0: the initial model, before training; no client took part.
+ROUND_ZERO_KEYS = {'round', 'bytes_cumulative', 'trainable_params', 'trainable_sha256',
+                   'test_accuracy', 'wall_s'}
 
 
 # bias and adapter train in many other tests; these are the other paths through the model.
@@ -30,18 +35,41 @@ def test_synthetic_run_learns_and_logs_every_round(tmp_path, method):
   config.data.num_test_examples = 256
   history = train.train(config, str(tmp_path))
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['round'] for r in lines] == [1, 2, 3, 4] and lines == history
+  assert [r['round'] for r in lines] == [0, 1, 2, 3, 4] and lines == history
+  assert set(lines[0]) == ROUND_ZERO_KEYS and lines[0]['bytes_cumulative'] == 0
+  lines = lines[1:]
   # Accuracy on evaluated rounds only; everything else every round.
   assert [set(r) - METRIC_KEYS for r in lines] == [set(), {'test_accuracy'}, set(),
                                                    {'test_accuracy'}]
   last = lines[-1]
+  assert last['test_accuracy'] > history[0]['test_accuracy'] + 0.1  # Learnt from round 0.
   # 4 balanced classes: chance is 0.25 (std 0.027 over 256 test images).
   assert last['test_accuracy'] > 0.4
   assert len(set(last['clients'])) == config.fl.clients_per_round
   per_round = 4 * last['trainable_params'] * config.fl.clients_per_round
   assert all(r['bytes_up'] == r['bytes_down'] == per_round for r in lines)
   assert [r['bytes_cumulative'] for r in lines] == [2 * per_round * i for i in (1, 2, 3, 4)]
-  assert len({r['trainable_sha256'] for r in lines}) == 4
+  assert len({r['trainable_sha256'] for r in history}) == 5
+
+
+def test_round_zero_is_the_initial_model_evaluated_before_training_once_across_resumes(
+    tmp_path):
+  """A fresh run's first line evaluates the tree it starts from, as the experiment's own
+  evaluate does on a separately built experiment; a resume keeps that line, once."""
+  config = tiny_config('adapter')
+  config.fl.rounds, config.checkpoint.every, config.checkpoint.keep = 2, 1, 2
+  experiment = build.build(config)
+  expected = experiment.evaluate(experiment.state.trainable)
+  history = train.train(config, str(tmp_path))
+  zero = history[0]
+  assert zero['round'] == 0 and zero['test_accuracy'] == expected['test_accuracy']
+  assert zero['trainable_sha256'] == callbacks.tree_sha256(experiment.state.trainable)
+  assert zero['trainable_sha256'] != history[1]['trainable_sha256']
+  assert zero['trainable_params'] == experiment.num_trainable and zero['wall_s'] > 0
+  shutil.rmtree(tmp_path / 'checkpoints' / '2')  # As if killed after round 1's checkpoint.
+  resumed = train.train(config, str(tmp_path))
+  assert [r['round'] for r in resumed] == [0, 1, 2] and resumed[0] == zero
+  assert resumed[-1]['trainable_sha256'] == history[-1]['trainable_sha256']
 
 
 def test_same_seed_same_result_other_seed_differs(tmp_path):
@@ -71,11 +99,12 @@ def test_a_run_writes_its_config_its_making_and_tensorboard_scalars(tmp_path):
   scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
   assert scalars('accuracy/test') == pytest.approx(
       [(r['round'], r['test_accuracy']) for r in history if 'test_accuracy' in r])
-  assert [s for s, _ in scalars('accuracy/test')] == [2, 3]
-  assert scalars('loss/train') == pytest.approx([(r['round'], r['train_loss']) for r in history])
+  assert [s for s, _ in scalars('accuracy/test')] == [0, 2, 3]  # Round 0 at step 0.
+  trained = history[1:]
+  assert scalars('loss/train') == pytest.approx([(r['round'], r['train_loss']) for r in trained])
   assert scalars('traffic/sent_MiB') == pytest.approx(
       [(r['round'], r['bytes_cumulative'] / 2**20) for r in history])
-  assert [v for _, v in scalars('clients/reported')] == [r['clients_reported'] for r in history]
+  assert [v for _, v in scalars('clients/reported')] == [r['clients_reported'] for r in trained]
   assert len(scalars('time/seconds_per_round')) == 3
   assert 'privacy/epsilon' not in events.Tags()['scalars']
 
@@ -89,11 +118,14 @@ def _dp_config(rounds):
 
 def test_under_dp_a_resume_keeps_the_noise_and_a_grown_one_composes_what_ran(tmp_path):
   straight = train.train(_dp_config(3), str(tmp_path / 'straight'))
+  # Round 0 evaluates the public initial model: it spends no epsilon and has no diagnostics.
+  assert set(straight[0]) == ROUND_ZERO_KEYS | {'epsilon'} and straight[0]['epsilon'] == 0
   z1 = straight[-1]['noise_multiplier']
   assert straight[-1]['epsilon'] == pytest.approx(8.0, rel=2e-3)
   shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed')
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')  # As if killed after round 2.
   resumed = train.train(_dp_config(3), str(tmp_path / 'resumed'))
+  assert [r['round'] for r in resumed] == [0, 1, 2, 3] and resumed[0] == straight[0]
   assert resumed[-1]['trainable_sha256'] == straight[-1]['trainable_sha256']
   assert resumed[-1]['epsilon'] == straight[-1]['epsilon']
 
@@ -131,7 +163,7 @@ def test_scaffold_with_fedadam_resumes_bit_identical_after_losing_rounds(tmp_pat
   assert [r['trainable_sha256'] for r in resumed] == [r['trainable_sha256'] for r in straight]
   # SCAFFOLD sends the variates both ways beside the model and the update.
   per_round = 2 * 4 * straight[-1]['trainable_params'] * config.fl.clients_per_round
-  assert all(r['bytes_up'] == r['bytes_down'] == per_round for r in straight)
+  assert all(r['bytes_up'] == r['bytes_down'] == per_round for r in straight[1:])
 
 
 def test_a_run_writes_its_partition(tmp_path):
@@ -173,7 +205,7 @@ def test_a_natural_partition_trains_on_the_clients_of_the_folders(tmp_path):
   config.data.partition = 'natural'
   config.fl.num_clients, config.fl.clients_per_round, config.fl.rounds = 3, 2, 1
   history = train.train(config, str(tmp_path / 'work'))
-  assert len(history) == 1 and 'test_accuracy' in history[0]
+  assert len(history) == 2 and all('test_accuracy' in r for r in history)
   written = json.loads((tmp_path / 'work' / 'partition.json').read_text())
   assert written == {
       'method': 'natural', 'args': {}, 'class_names': ['0', '1', '2', '3'],

@@ -1,6 +1,11 @@
 """What a run does around its rounds, one callback each (see `loop.Callback`), and the
 standard list of a training run (`standard`).
 
+A fresh run's round 0 (`loop.round_zero`: the initial model, before any training) goes
+through the same callbacks' `on_round_zero`: its record holds `bytes_cumulative` 0,
+`trainable_params`, `trainable_sha256`, the task's test metrics, `epsilon` 0 under DP and
+`wall_s`; no client took part, so there is no loss, cohort or diagnostic.
+
 By phase, in the order `standard` lists them: compute: `Traffic`, `RoundSummary`,
 `StopIfAllNonFinite`, `Evaluation`, `Privacy`, `RoundClock` add to each round's record;
 filter: `SeparateDiagnostics` (DP) moves what epsilon does not cover aside; write:
@@ -64,6 +69,9 @@ class Traffic(loop.Stateful):
     self.bytes_cumulative += up + down
     return {'bytes_up': up, 'bytes_down': down, 'bytes_cumulative': self.bytes_cumulative}
 
+  def on_round_zero(self, state, record):
+    return {'bytes_cumulative': self.bytes_cumulative}  # 0: nothing sent yet.
+
   def state_dict(self):
     return {'bytes_cumulative': self.bytes_cumulative}
 
@@ -86,6 +94,10 @@ class RoundSummary(loop.Callback):
         'clients_nonfinite': int(metrics.num_nonfinite),
         'trainable_params': self.num_trainable,
         'trainable_sha256': tree_sha256(state.trainable)}
+
+  def on_round_zero(self, state, record):
+    return {'trainable_params': self.num_trainable,
+            'trainable_sha256': tree_sha256(state.trainable)}
 
 
 class StopIfAllNonFinite(loop.Callback):
@@ -110,10 +122,14 @@ def is_due(round_index: int, every: int, rounds: int) -> bool:
 
 
 class Evaluation(loop.Callback):
-  """The task's test metrics (e.g. `test_accuracy`) every `every` rounds and after the last."""
+  """The task's test metrics (e.g. `test_accuracy`) every `every` rounds and after the last,
+  and of the initial model in a fresh run's round 0."""
 
   def __init__(self, evaluate: Callable[[Any], dict], every: int, rounds: int):
     self.evaluate, self.every, self.rounds = evaluate, every, rounds
+
+  def on_round_zero(self, state, record):
+    return dict(self.evaluate(state.trainable))
 
   def on_round_end(self, round_index, state, metrics, record):
     if is_due(round_index, self.every, self.rounds):
@@ -155,6 +171,10 @@ class Privacy(loop.Stateful):
     if 'clipped_fraction' in metrics.aggregator:
       values['clipped_fraction'] = float(metrics.aggregator['clipped_fraction'])
     return values
+
+  def on_round_zero(self, state, record):
+    # The initial model is public (pretrained, or from the public seed): nothing released.
+    return {'epsilon': 0.0}
 
   def state_dict(self):
     return self.ledger.state_dict()
@@ -205,6 +225,8 @@ class RoundClock(loop.Stateful):
 
   The round is compiled before the loop starts, so no round's time includes it. Last of
   the compute phase in `standard`, so a round's time includes evaluation and accounting.
+  Round 0 has `wall_s` only: the seconds its evaluation took, which round 1's `round_s`
+  leaves out.
   """
   name = 'clock'
   KEYS = ('round_s', 'wall_s')
@@ -221,6 +243,10 @@ class RoundClock(loop.Stateful):
     self.last = now
     return values
 
+  def on_round_zero(self, state, record):
+    self.last = time.perf_counter()
+    return {'wall_s': self.offset + self.last - self.start}
+
   def state_dict(self):
     return {'wall_s': self.offset + self.last - self.start}
 
@@ -236,8 +262,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class MetricsLog(loop.Callback):
-  """One JSON line a round in `path`; rounds after the checkpoint a run resumes from are
-  dropped first, since they run again."""
+  """One JSON line a round in `path`, round 0 first; rounds after the checkpoint a run
+  resumes from are dropped first, since they run again (a fresh run drops every line: its
+  round 0 is made again)."""
   phase = 'write'
 
   def __init__(self, path: str):
@@ -253,7 +280,7 @@ class MetricsLog(loop.Callback):
             record = json.loads(line)
           except json.JSONDecodeError:
             break
-          if record['round'] > done:
+          if done == 0 or record['round'] > done:
             break
           kept.append(line)
     with open(self.path, 'w') as f:
@@ -263,6 +290,9 @@ class MetricsLog(loop.Callback):
   def on_round_end(self, round_index, state, metrics, record):
     self.file.write(json.dumps(dict(record)) + '\n')
     self.file.flush()
+
+  def on_round_zero(self, state, record):
+    self.on_round_end(0, state, None, record)
 
   def on_run_end(self, state):
     self.file.close()
@@ -281,9 +311,10 @@ TENSORBOARD_TAGS = {
 
 
 class TensorBoard(loop.Callback):
-  """Scalars of every round in `logdir`, as TensorBoard event files (tensorboardX: no
-  TensorFlow needed); DP diagnostics under `diagnostics/`. On resume, steps after the
-  checkpoint are purged from view."""
+  """Scalars of every round in `logdir` (round 0 at step 0), as TensorBoard event files
+  (tensorboardX: no TensorFlow needed); DP diagnostics under `diagnostics/`. On resume, steps
+  after the checkpoint are purged from view (a fresh run purges every step: an earlier
+  attempt that died before its first checkpoint)."""
   phase = 'write'
 
   def __init__(self, logdir: str):
@@ -293,8 +324,8 @@ class TensorBoard(loop.Callback):
     import tensorboardX  # Imported late: only runs that log pay for it.
     done = int(state.round)
     self.writer = tensorboardX.SummaryWriter(  # One file per start: a restart adds one.
-        self.logdir, purge_step=done + 1 if done else None,
-        filename_suffix=f'.from_round_{done + 1}')
+        self.logdir, purge_step=done + 1 if done else 0,
+        filename_suffix=f'.from_round_{done + 1 if done else 0}')
 
   def on_round_end(self, round_index, state, metrics, record):
     diagnostics = record.get('diagnostics', {})
@@ -306,12 +337,16 @@ class TensorBoard(loop.Callback):
                                round_index)
     self.writer.flush()
 
+  def on_round_zero(self, state, record):
+    self.on_round_end(0, state, None, record)
+
   def on_run_end(self, state):
     self.writer.close()
 
 
 class Console(loop.Callback):
-  """A progress line every round: accuracy (when evaluated), loss, traffic, time, ETA."""
+  """A progress line every round: accuracy (when evaluated), loss, traffic, time, ETA; and
+  round 0's: the initial model's accuracy."""
   phase = 'write'
 
   def __init__(self, rounds: int):
@@ -326,19 +361,25 @@ class Console(loop.Callback):
     if record.get('clients_reported') == 0 and not record['clients_nonfinite']:
       console.say(f'round {round_index}: no sampled client reported an update with '
                   f'examples ({int(metrics.num_sampled)} sampled); the model is unchanged')
-    accuracy = record.get('test_accuracy')
     diagnostic = 'train_loss' not in record
     value = record['diagnostics']['train_loss'] if diagnostic else record['train_loss']
     loss = ('loss   -   ' if value is None else f'loss {value:.4f}') + (
         ' (diagnostic)' if diagnostic else '')
-    line = (f'round {round_index:4d}/{self.rounds}  '
-            + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
-            + (f'  eps {float(record["epsilon"]):.3g}' if 'epsilon' in record else '')
-            + f'  {loss}'
+    line = (self._head(round_index, record) + f'  {loss}'
             f'  sent {record["bytes_cumulative"] / MIB:.2f} MiB'
             f'  {record["round_s"]:.1f} s/round'
             f'  eta {np.mean(self.seconds) * (self.rounds - round_index):.0f} s')
     console.say(line)
+
+  def on_round_zero(self, state, record):
+    console.say(self._head(0, record) + '  the initial model, before training')
+
+  def _head(self, round_index: int, record) -> str:
+    """'round    2/10  acc 0.6250' (and '  eps 1.2' under DP): how every line starts."""
+    accuracy = record.get('test_accuracy')
+    return (f'round {round_index:4d}/{self.rounds}  '
+            + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
+            + (f'  eps {float(record["epsilon"]):.3g}' if 'epsilon' in record else ''))
 
 
 class Checkpoint(loop.Callback):

@@ -10,7 +10,10 @@ them by phase, `PHASES` in order, and within a phase in the order given:
 - 'write': reads the finished record (metrics file, TensorBoard, console);
 - 'persist': saves what a restart needs (checkpoints) or the run's result.
 
-Each round's record starts as `{'round': r}`. A callback sees it read-only and
+A fresh run (`state.round == 0`) first makes round 0, the record of the initial
+(pretrained) model before any training, through every callback's `on_round_zero` (by
+phase, like a round; a resumed run has it already). Each round's record starts as
+`{'round': r}`. A callback sees it read-only and
 returns what it contributes: a compute callback a dict of the keys it adds (merged
 in; a key already there is an error: each key has one author), a filter callback
 the whole record as it should be written, the others None.
@@ -64,6 +67,12 @@ class Callback:
     a dict, a `Stop`, or None for nothing."""
     return None
 
+  def on_round_zero(self, state: types.ServerState, record: Record) -> dict | None:
+    """A fresh run's round 0, after `on_run_start` and before round 1: `state` holds the
+    initial (untrained) model, and no client took part. Returns what `on_round_end` does,
+    but never a `Stop`; by default nothing (a callback that only counts rounds skips it)."""
+    return None
+
   def on_run_end(self, state: types.ServerState) -> None:
     """After the last round (or the round that returned a `Stop`)."""
 
@@ -110,14 +119,16 @@ def in_phase_order(callbacks: Sequence[Callback]) -> list[Callback]:
   return sorted(callbacks, key=lambda c: PHASES.index(c.phase))
 
 
-def _merge(callback: Callback, part, record: dict, round_index: int) -> dict:
+def _merge(callback: Callback, part, record: dict, round_index: int,
+           hook: str = 'on_round_end') -> dict:
   """`record` with `callback`'s returned `part` (a dict or None) taken in."""
   name = type(callback).__name__
   if part is None:
     return record
   if not isinstance(part, Mapping):
-    raise TypeError(f'{name}.on_round_end returned {type(part).__name__}: return a dict, '
-                    'a loop.Stop or None')
+    stop = ', a loop.Stop' if hook == 'on_round_end' else ''
+    raise TypeError(f'{name}.{hook} returned {type(part).__name__}: return a dict{stop} '
+                    'or None')
   if callback.phase == 'filter':
     if part.get('round') != round_index:
       raise ValueError(f"{name} (a filter) returned a record without 'round': {round_index}")
@@ -145,13 +156,26 @@ def end_round(callbacks: Sequence[Callback], round_index: int, state: types.Serv
   return record, stop
 
 
+def round_zero(callbacks: Sequence[Callback], state: types.ServerState) -> dict:
+  """Runs every callback's `on_round_zero` in the order given (`in_phase_order`) on the
+  initial `state`; returns round 0's record."""
+  record = {'round': 0}
+  for callback in callbacks:
+    part = callback.on_round_zero(state, pytypes.MappingProxyType(record))
+    record = _merge(callback, part, record, 0, 'on_round_zero')
+  return record
+
+
 def run(round_fn: RoundFn, state: types.ServerState, rounds: int,
         callbacks: Sequence[Callback]) -> types.ServerState:
   """Runs rounds `state.round + 1 .. rounds` (fewer if a callback returns a `Stop`), with
-  `callbacks` in phase order whatever their order in the list; returns the final state."""
+  `callbacks` in phase order whatever their order in the list; returns the final state.
+  A fresh run (`state.round == 0`) makes round 0 first (`round_zero`)."""
   callbacks = in_phase_order(callbacks)
   for callback in callbacks:
     callback.on_run_start(state)
+  if int(state.round) == 0:
+    round_zero(callbacks, state)
   for round_index in range(int(state.round) + 1, rounds + 1):
     state, metrics = round_fn(state)
     _, stop = end_round(callbacks, round_index, state, metrics)

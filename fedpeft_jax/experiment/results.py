@@ -6,6 +6,11 @@ run wrote one). Runs whose configs differ only in `seed` form a group, named by 
 config keys that differ between groups (`method=bias, dp=client`); the table gives each
 group's mean ± std over seeds. Writes `report.md`, `report.csv` and the figures into
 the root.
+
+Round 0 (the initial model, which runs write before training; runs made before it have
+none) is the initial accuracy, starts every curve (at 0 MiB and epsilon 0) and counts for
+the traffic to the target (0 MiB if the initial model reaches it); final, best and swing
+are of the trained model, rounds 1 on.
 """
 from __future__ import annotations
 
@@ -50,7 +55,18 @@ class Run:
 
   @property
   def evaluated(self) -> list[dict]:
+    """The evaluated records, round 0 (the initial model) included."""
     return [r for r in self.metrics if 'test_accuracy' in r]
+
+  @property
+  def trained(self) -> list[dict]:
+    """The evaluated records after training: rounds 1 on."""
+    return [r for r in self.evaluated if r['round'] > 0]
+
+  @property
+  def initial(self) -> dict | None:
+    """Round 0's record; None in a run made before runs wrote one."""
+    return next((r for r in self.evaluated if r['round'] == 0), None)
 
   @property
   def last(self) -> dict:
@@ -183,22 +199,25 @@ def _mean_std(values) -> tuple[float, float | None]:
 
 
 def bytes_to_target(run: Run, target: float) -> int | None:
-  """Bytes sent when test accuracy first reached `target`; None if it never did."""
+  """Bytes sent when test accuracy first reached `target` (0 if the initial model, round 0,
+  did); None if it never did."""
   return next((r['bytes_cumulative'] for r in run.evaluated if r['test_accuracy'] >= target),
               None)
 
 
 def swing(run: Run) -> float | None:
   """How much the global model jumps about: the mean absolute change of test accuracy
-  between consecutive evaluations (client drift shows here); None with one evaluation."""
-  accuracy = [e['test_accuracy'] for e in run.evaluated]
+  between consecutive evaluations after training (client drift shows here; the step from
+  the initial model, round 0, is learning, not drift); None with one evaluation."""
+  accuracy = [e['test_accuracy'] for e in run.trained]
   return float(np.mean(np.abs(np.diff(accuracy)))) if len(accuracy) > 1 else None
 
 
 def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
   """A group's row of the table (report.csv): seed statistics of its runs' metrics."""
+  initial = [r.initial['test_accuracy'] for r in runs if r.initial is not None]
   final_mean, final_std = _mean_std(r.last['test_accuracy'] for r in runs)
-  best_mean, best_std = _mean_std(max(e['test_accuracy'] for e in r.evaluated) for r in runs)
+  best_mean, best_std = _mean_std(max(e['test_accuracy'] for e in r.trained) for r in runs)
   swings = [s for s in map(swing, runs) if s is not None]
   swing_mean, swing_std = _mean_std(swings) if swings else (None, None)
   reached = [b for b in (bytes_to_target(r, target) for r in runs) if b is not None]
@@ -207,6 +226,8 @@ def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
   return {
       'group': label,
       'n': len(runs),
+      # Round 0's, over the seeds that have one (None: runs made before round 0 was written).
+      'initial_accuracy_mean': statistics.fmean(initial) if initial else None,
       'final_accuracy_mean': final_mean,
       'final_accuracy_std': final_std,
       'best_accuracy_mean': best_mean,
@@ -227,7 +248,8 @@ def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
 
 def curve(runs: list[Run], x_key: str):
   """(x, accuracy mean, accuracy std or None) over the rounds every seed evaluated with
-  `x_key`; x is the seeds' mean (bytes and epsilon vary with the clients sampled)."""
+  `x_key`, round 0 (the initial model) first where every seed has it; x is the seeds' mean
+  (bytes and epsilon vary with the clients sampled)."""
   by_round = [{r['round']: r for r in run.evaluated if x_key in r} for run in runs]
   rounds = sorted(set.intersection(*(set(b) for b in by_round)))
   x = np.mean([[float(b[t][x_key]) for t in rounds] for b in by_round], axis=0)
@@ -283,10 +305,17 @@ def plot_accuracy_vs_round(groups: dict[str, list[Run]], path: str) -> str:
 
 def plot_accuracy_vs_communication(groups: dict[str, list[Run]], target: float,
                                    path: str) -> str:
-  """The paper's Figure 3: accuracy against cumulative traffic, and the target."""
-  fig, ax = _figure('MiB sent, up and down, all clients (log scale)',
+  """The paper's Figure 3: accuracy against cumulative traffic, and the target.
+
+  Traffic spans decades between methods, so the axis is logarithmic; from 0 MiB (round 0:
+  the initial model) to the smallest traffic of a round it is linear (symlog), so every
+  curve starts at the initial model.
+  """
+  fig, ax = _figure('MiB sent, up and down, all clients (log scale; linear from 0)',
                     'Accuracy by communication')
-  ax.set_xscale('log')
+  sent = [x for runs in groups.values() for x in curve(runs, 'bytes_cumulative')[0] if x > 0]
+  ax.set_xscale('symlog', linthresh=min(sent, default=callbacks.MIB) / callbacks.MIB,
+                linscale=0.5)  # The linear stretch: half a decade wide.
   ax.axhline(target, color='black', ls='--', lw=1, label=f'target {100 * target:g}%')
   for (label, runs), color in zip(groups.items(), _colors(groups)):
     _draw(ax, label, runs, 'bytes_cumulative', color, 1 / callbacks.MIB)
@@ -344,20 +373,23 @@ def _percent(mean: float, std: float | None) -> str:
 
 def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
              target: float, figures: list[str]) -> str:
-  header = ['group', 'n', 'final accuracy (%)', 'best accuracy (%)', 'swing (points)',
+  header = ['group', 'n', 'initial accuracy (%)', 'final accuracy (%)',
+            'best accuracy (%)', 'swing (points)',
             f'MiB to {100 * target:g}% (seeds that reached it)', 'total MiB', 'trainable',
             'epsilon', 'wall (s)', 'rounds']
   lines = [f'# Results of {root}', '',
            f'{sum(map(len, groups.values()))} runs in {len(groups)} groups: runs that differ '
            'only in `seed` form a group, named by the config keys that differ between '
-           'groups. Mean ± sample std over seeds; swing: mean absolute change of test '
-           'accuracy between consecutive evaluations, in points; traffic counts every '
-           'client, up and down; '
-           'epsilon and wall time are the last round\'s.', '',
+           'groups. Mean ± sample std over seeds; initial: round 0, the model before '
+           'training (mean); best and swing are over rounds 1 on; swing: mean absolute '
+           'change of test accuracy between consecutive evaluations, in points; traffic '
+           'counts every client, up and down (the target may be reached at 0 MiB, by the '
+           'initial model); epsilon and wall time are the last round\'s.', '',
            '| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
   for label, row in rows.items():
     to_target = (f'{row["mib_to_target_mean"]:.2f}' if row['reached_target'] else '-')
-    cells = [label, row['n'],
+    initial = row['initial_accuracy_mean']
+    cells = [label, row['n'], '-' if initial is None else _percent(initial, None),
              _percent(row['final_accuracy_mean'], row['final_accuracy_std']),
              _percent(row['best_accuracy_mean'], row['best_accuracy_std']),
              '-' if row['swing_mean'] is None else _percent(row['swing_mean'], row['swing_std']),

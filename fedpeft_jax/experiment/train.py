@@ -17,7 +17,8 @@ from fedpeft_jax.experiment import workdir as workdir_lib
 def train(config, workdir: str) -> list[dict]:
   """Runs, resumes or (if finished) leaves the run in `workdir`; returns every round's record.
 
-  Writes `metrics.jsonl` (a line a round), `tb/` (TensorBoard), `config.json`,
+  Writes `metrics.jsonl` (a line a round; a fresh run starts with round 0, the initial
+  model evaluated before training), `tb/` (TensorBoard), `config.json`,
   `run.json`, `partition.json`, `checkpoints/` and, at the end, `trainable.npz`. With several
   processes (`jax.distributed`) every one calls this; process 0 writes and
   returns the records, the others return [].
