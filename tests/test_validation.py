@@ -2,6 +2,7 @@
 import re
 
 import PIL.Image
+import ml_collections
 import pytest
 
 from fedpeft_jax import configs, validation
@@ -167,7 +168,12 @@ def test_an_error_about_an_unmapped_argument_passes_through_unchanged():
 
 
 def test_every_config_key_an_error_message_names_exists():
-  keys = set(configs.flat_config(configs.base_config()))
+  config = configs.base_config()
+  keys = set(configs.flat_config(config))
+  # A key whose value is itself a dict of values (model.hf_config) names an empty section.
+  keys |= {f'{section}.{name}' for section, values in config.items()
+           if isinstance(values, ml_collections.ConfigDict)
+           for name, value in values.items() if isinstance(value, ml_collections.ConfigDict)}
   named = set()
   for path in list((REPO / 'fedpeft_jax').rglob('*.py')) + [REPO / 'launch.py']:
     named |= {(path.name, key) for key in
