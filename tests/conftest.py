@@ -128,6 +128,7 @@ def fedavg_round(loss_fn, client_optimizer, *, num_epochs, batch_size, max_examp
 # marked `cli`: `pytest -m cli tests` runs them alone, `pytest -m 'not cli' tests` the unit
 # tests in a few minutes. Whole files of them, and any test that starts a process:
 CLI_MODULES = ('test_launch', 'test_sweep', 'test_multihost', 'test_benchmark')
+LONG_MODULES = ('test_round_reference',)
 
 
 def _starts_a_process(item) -> bool:
@@ -148,6 +149,8 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if _starts_a_process(item):
       item.add_marker(pytest.mark.cli)
-  # The CLI group first: its tests are the longest, and started first they finish while
-  # the other workers run the many short unit tests (the same order on every worker).
-  items.sort(key=lambda item: item.get_closest_marker('cli') is None)
+  # The CLI group and the pinned rounds first: they are the longest, and started first
+  # they finish while the other worker runs the many short unit tests (the same order on
+  # every worker).
+  items.sort(key=lambda item: item.get_closest_marker('cli') is None and
+             item.module.__name__.rsplit('.', 1)[-1] not in LONG_MODULES)
