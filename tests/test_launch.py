@@ -207,8 +207,9 @@ def test_offline_pcam_config_runs_through_launch(tmp_path):
   """The README's main job, shortened: real data, real backbone, one round."""
   result = subprocess.run(
       [sys.executable, 'launch.py', '--config=experiments/pcam_vit_ti4.py:bias',
-       f'--workdir={tmp_path}', '--config.fl.rounds=1', '--config.fl.num_clients=256',
-       '--config.fl.clients_per_round=2', '--config.data.num_test_examples=1000'],
+       f'--workdir={tmp_path}', '--config.fl.rounds=1', '--config.fl.num_clients=64',
+       '--config.fl.clients_per_round=2', '--config.data.num_train_examples=5000',
+       '--config.data.num_test_examples=1000'],
       cwd=REPO, env=OPTIMIZED_XLA_ENV, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'round    0/1' in result.stdout and 'round    1/1' in result.stdout

@@ -90,6 +90,10 @@ def test_a_subset_keeps_each_example_with_its_client_and_label_whatever_the_seed
                             num_examples=6, seed=5)  # The data does not change with the seed.
   np.testing.assert_array_equal(other_seed.client_ids, subset.client_ids)
   np.testing.assert_array_equal(other_seed.labels, subset.labels)
+  # Only the subset is decoded, and it is exactly the rows the whole split's subset takes.
+  rows = sources.base.subset(whole, 6, 'whole')
+  np.testing.assert_array_equal(subset.images, rows.images)
+  np.testing.assert_array_equal(subset.client_ids, rows.client_ids)
   with pytest.raises(sources.DataError) as e:
     sources.load('folder', path=str(tmp_path), split='train', clients=True, num_examples=11)
   assert e.value.argument == 'num_examples'

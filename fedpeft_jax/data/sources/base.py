@@ -123,13 +123,20 @@ def finish(ds: Dataset, request: Request, where: str) -> Dataset:
   return subset(ds, request.num_examples, where)
 
 
+def subset_rows(total: int, num_examples: int, where: str) -> np.ndarray:
+  """The sorted rows of a random subset of `num_examples` of `total`, the same every time
+  (a source may pick them before decoding anything). Raises DataError (argument
+  'num_examples') unless 1 <= num_examples <= total."""
+  if not 1 <= num_examples <= total:
+    raise DataError(f'{where} has {total} examples; a subset of {num_examples} cannot be '
+                    f'drawn from it: ask for 1..{total}, or None for all of them.',
+                    argument='num_examples')
+  return np.sort(np.random.default_rng(0).permutation(total)[:num_examples])
+
+
 def subset(ds: Dataset, num_examples: int, where: str) -> Dataset:
   """`num_examples` rows of `ds` drawn at random, in their order, the same every time."""
-  if not 1 <= num_examples <= len(ds):
-    raise DataError(f'{where} has {len(ds)} examples; a subset of {num_examples} cannot be '
-                    f'drawn from it: ask for 1..{len(ds)}, or None for all of them.',
-                    argument='num_examples')
-  keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_examples])
+  keep = subset_rows(len(ds), num_examples, where)
   take = lambda rows: None if rows is None else rows[keep]
   features = None if ds.features is None else {k: v[keep] for k, v in ds.features.items()}
   return dataclasses.replace(ds, images=take(ds.images), labels=ds.labels[keep],

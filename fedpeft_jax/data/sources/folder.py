@@ -18,7 +18,8 @@ import PIL.Image
 from fedpeft_jax.data.partition import PARTITIONS
 from fedpeft_jax.data.sources import SOURCES
 from fedpeft_jax.data.sources.base import (DataError, Dataset, Request, SourceSpec, finish,
-                                           label_map, progress, stack, to_rgb_array)
+                                           label_map, progress, stack, subset_rows,
+                                           to_rgb_array)
 
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
@@ -67,8 +68,11 @@ def load(request: Request, *, path: str = '') -> Dataset:
     raise DataError(f'No .jpg/.jpeg/.png images in {where}/{split}/<class>/; '
                     'put each class\'s images in a subdirectory of the split.')
   class_names = _class_names(dirs, root, depth, request, where)
-  ds = _decode(found, class_names, request, where, path)
-  return finish(ds, request, f'folder data {path!r} split {split!r}')
+  described = f'folder data {path!r} split {split!r}'
+  if request.num_examples is not None:  # Only the subset's images are decoded.
+    found = [found[i] for i in subset_rows(len(found), request.num_examples, described)]
+    request = request._replace(num_examples=None)
+  return finish(_decode(found, class_names, request, where, path), request, described)
 
 
 def _class_names(dirs, root: tuple[str, ...], depth: int, request: Request,
