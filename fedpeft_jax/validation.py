@@ -12,6 +12,7 @@ from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.experiment import extra_callbacks
 from fedpeft_jax.federated import algorithms
+from fedpeft_jax.federated.aggregators.dp_fedavg import clipped_count_stddev
 from fedpeft_jax.federated import sampling
 from fedpeft_jax.federated import schedules
 from fedpeft_jax.federated import server_optimizers
@@ -362,11 +363,3 @@ def _explain(key: str, value, check, *args):
     return check(*args)
   except errors.UserError as e:
     raise ConfigError(key, value, str(e)) from None
-
-
-def clipped_count_stddev(config) -> float:
-  """Andrew et al.'s default: the expected number of clients / 20."""
-  if config.dp.clipped_count_stddev is not None:
-    return config.dp.clipped_count_stddev
-  return config.fl.clients_per_round / 20
-

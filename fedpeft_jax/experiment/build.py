@@ -29,7 +29,6 @@ from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated import types as fl_types
-from fedpeft_jax.federated.aggregators import dp_fedavg as dp_fedavg_lib
 from fedpeft_jax.federated.algorithms import fedprox
 from fedpeft_jax.model import families
 from fedpeft_jax.privacy import accounting
@@ -217,11 +216,6 @@ def replicate_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
     return jax.make_array_from_process_local_data(replicated, np.asarray(x))
 
   return lambda tree: jax.tree.map(place, tree)
-
-
-def expected_reporters(config) -> float:
-  """See `aggregators.dp_fedavg.expected_reporters`."""
-  return dp_fedavg_lib.expected_reporters(config)
 
 
 def aggregator_name(config) -> str:

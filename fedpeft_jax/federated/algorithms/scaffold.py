@@ -15,10 +15,7 @@ import jax.numpy as jnp
 
 from fedpeft_jax.federated.algorithms import ALGORITHMS
 from fedpeft_jax.federated.algorithms.base import Algorithm, AlgorithmSpec, ClientsDone
-
-
-def _by_lane(mask, x):
-  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+from fedpeft_jax.federated.schedules import by_lane
 
 
 def scaffold(local_learning_rate: float) -> Algorithm:
@@ -41,7 +38,7 @@ def scaffold(local_learning_rate: float) -> Algorithm:
     scale = 1.0 / (jnp.maximum(steps, 1) * local_learning_rate)
     # A client without examples took no step and keeps its variate.
     changes = jax.tree.map(
-        lambda d, c: jnp.where(_by_lane(steps > 0, d), -c - _by_lane(scale, d) * d, 0),
+        lambda d, c: jnp.where(by_lane(steps > 0, d), -c - by_lane(scale, d) * d, 0),
         done.delta, server_variate)
     return jax.tree.map(lambda c, c_all: c_all.at[done.ids].add(done.used(c)), changes,
                         variates)
