@@ -238,3 +238,6 @@ def _training_and_privacy(c, method: str, dp_mode: str) -> None:
   c.report = ml_collections.ConfigDict()
   # --mode=report counts the MiB sent until test accuracy first reaches this fraction.
   c.report.target_accuracy = 0.7
+  # Text runs (reported in perplexity): the MiB sent until test perplexity first falls to
+  # this; None: no target, the report has no MiB-to-target column.
+  c.report.target_perplexity = config_dict.placeholder(float)

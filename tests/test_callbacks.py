@@ -411,3 +411,44 @@ def test_two_stateful_callbacks_of_one_name_are_refused():
   with pytest.raises(ValueError, match=r"share a name \(\['traffic', 'traffic'\]\)"):
     callbacks.Checkpoint(FakeCheckpointer(), None, 1, 1,
                          [callbacks.Traffic(1), callbacks.Traffic(2)])
+
+
+def test_a_text_run_shows_perplexity_on_the_console_and_in_tensorboard(tmp_path, capsys):
+  """causal_lm's headline is test perplexity: `ppl` leads the line in place of next-token
+  accuracy, and TensorBoard has it and the test loss."""
+  console = callbacks.Console(rounds=4, headline='test_perplexity')
+  console.on_run_start(_state())
+  text = {'test_perplexity': 271.345, 'test_loss': 5.6, 'test_accuracy': 0.1289}
+  console.on_round_zero(_state(), {'round': 0, 'bytes_cumulative': 0, **text})
+  base = {'train_loss': 0.5, 'bytes_cumulative': 3 * 2**20, 'round_s': 2.0,
+          'clients_reported': 2, 'clients_nonfinite': 0}
+  console.on_round_end(1, _state(1), _metrics(), dict(base))
+  console.on_round_end(2, _state(2), _metrics(), {**base, **text, 'test_perplexity': 9.873})
+  assert capsys.readouterr().out.splitlines() == [
+      'round    0/4  ppl 271.3  the initial model, before training',
+      'round    1/4  ppl    -    loss 0.5000  sent 3.00 MiB  2.0 s/round  eta 6 s',
+      'round    2/4  ppl 9.873  loss 0.5000  sent 3.00 MiB  2.0 s/round  eta 4 s']
+
+  board = callbacks.TensorBoard(str(tmp_path))
+  board.on_run_start(_state(0))
+  board.on_round_zero(_state(0), {'round': 0, 'bytes_cumulative': 0, **text})
+  board.on_round_end(1, _state(1), _metrics(), {'round': 1, 'train_loss': 5.0,
+                                                'test_perplexity': 150.0, 'test_loss': 5.01})
+  board.on_run_end(_state(1))
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  scalars = lambda tag: [(e.step, pytest.approx(e.value)) for e in events.Scalars(tag)]
+  assert scalars('perplexity/test') == [(0, 271.345), (1, 150.0)]
+  assert scalars('loss/test') == [(0, 5.6), (1, 5.01)]
+  assert scalars('accuracy/test') == [(0, 0.1289)]
+
+
+@pytest.mark.parametrize('family, headline', [('vit', 'test_accuracy'),
+                                              ('llama', 'test_perplexity')])
+def test_the_standard_console_shows_the_tasks_headline_metric(tmp_path, family, headline):
+  config = tiny_config('lora')
+  config.model.family = family
+  experiment = SimpleNamespace(num_trainable=6, evaluate=None, privacy=None)
+  standard = callbacks.standard(experiment, config, str(tmp_path), FakeCheckpointerIn(), True)
+  (console,) = [c for c in standard if isinstance(c, callbacks.Console)]
+  assert console.headline == headline

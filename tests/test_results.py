@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -345,3 +346,154 @@ def test_every_other_mode_needs_a_config(tmp_path):
   result = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--mode=masks',
                            f'--workdir={tmp_path}'], capture_output=True, text=True)
   assert _one_error_line(result, '') == 'error: --mode=masks needs --config=FILE'
+
+
+# Text runs (the causal_lm task): reported in test perplexity, lower better.
+# (method, seed) -> test perplexity on rounds 0, 2 and 4, and next-token accuracy, which
+# must not steer anything: its best is another round than perplexity's.
+PERPLEXITY = {('lora', 0): (300.0, 120.0, 90.0), ('lora', 1): (300.0, 80.0, 95.0),
+              ('norm', 0): (300.0, 250.0, 210.0), ('norm', 1): (310.0, 240.0, 260.0)}
+NEXT_TOKEN_ACCURACY = (0.10, 0.30, 0.20)
+
+
+def _text_config(method, seed, target=None):
+  config = _config(method, seed)
+  config.model.family, config.data.source = 'llama', 'text'
+  config.report.target_perplexity = target
+  return config
+
+
+def _text_records(method, seed):
+  """metrics.jsonl as a causal_lm run writes it: test perplexity, loss and next-token
+  accuracy on rounds 0, 2 and 4."""
+  records = _records('bias', seed)
+  for record in records:
+    if 'test_accuracy' in record:
+      ppl = PERPLEXITY[method, seed][record['round'] // 2]
+      record.update(test_perplexity=ppl, test_loss=float(np.log(ppl)),
+                    test_accuracy=NEXT_TOKEN_ACCURACY[record['round'] // 2])
+  return records
+
+
+@pytest.fixture
+def text_root(tmp_path):
+  for method, seed in PERPLEXITY:
+    _write_run(tmp_path / f'{method}_seed{seed}', _text_config(method, seed, target=100.0),
+               _text_records(method, seed))
+  return tmp_path
+
+
+def test_text_runs_are_reported_in_perplexity_with_the_lowest_as_best(text_root):
+  rows = results.write_report(str(text_root))
+  metrics = _metrics(text_root)
+  assert list(rows) == ['method=lora', 'method=norm']
+  for method in ('lora', 'norm'):
+    runs = [metrics[method, seed] for seed in (0, 1)]
+    ppl = np.array([[r['test_perplexity'] for r in run if 'test_perplexity' in r]
+                    for run in runs])  # [seed, evaluation]: rounds 0, 2, 4.
+    best = ppl[:, 1:].min(1)
+    swings = np.abs(np.diff(ppl[:, 1:], axis=1)).mean(1)
+    row = rows[f'method={method}']
+    for name, values in (('initial', ppl[:, 0]), ('final', ppl[:, -1]), ('best', best)):
+      assert row[f'{name}_perplexity_mean'] == pytest.approx(values.mean()), name
+      assert row[f'{name}_perplexity_std'] == pytest.approx(values.std(ddof=1)), name
+    assert row['swing_mean'] == pytest.approx(swings.mean())
+    assert row['swing_std'] == pytest.approx(swings.std(ddof=1))
+    sent = np.array([[r['bytes_cumulative'] for r in run if 'test_perplexity' in r]
+                     for run in runs])
+    reached = [s[p <= 100][0] for s, p in zip(sent, ppl) if (p <= 100).any()]
+    assert row['target_perplexity'] == 100 and row['reached_target'] == len(reached)
+    assert row['mib_to_target_mean'] == (np.mean(reached) / MIB if reached else None)
+    assert 'best_accuracy_mean' not in row and 'target_accuracy' not in row
+  lora, norm = rows['method=lora'], rows['method=norm']
+  # By hand: lora's best are 90 (round 4) and 80 (round 2), not accuracy's round 2 for both.
+  assert lora['best_perplexity_mean'] == 85 and lora['reached_target'] == 2
+  assert norm['reached_target'] == 0 and norm['mib_to_target_mean'] is None
+
+  with open(text_root / 'report.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [r['group'] for r in table] == list(rows)
+  for written, row in zip(table, rows.values()):
+    assert written == {k: '' if v is None else str(v) for k, v in row.items()}
+  markdown = (text_root / 'report.md').read_text()
+  assert ('| initial perplexity | final perplexity | best (lowest) perplexity | '
+          'swing (perplexity) | MiB to perplexity 100 (seeds that reached it) |') in markdown
+  assert (f"| method=lora | 2 | 300.00 ± 0.00 | 92.50 ± 3.54 | 85.00 ± 7.07 | "
+          f"{lora['swing_mean']:.2f} ± {lora['swing_std']:.2f} | "
+          f"{lora['mib_to_target_mean']:.2f} (2/2) |") in markdown
+  assert '| - (0/2) |' in markdown and 'accuracy' not in markdown
+  for name in ('perplexity_vs_round', 'perplexity_vs_communication'):
+    assert f'![{name}]({name}.png)' in markdown
+    data = (text_root / f'{name}.png').read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+  assert not list(text_root.glob('accuracy_vs_*.png'))
+
+
+def test_text_figures_draw_perplexity_from_round_zero_on_a_log_axis(text_root, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(results, '_save', lambda fig, path: drawn.append(fig) or path)
+  results.write_report(str(text_root))
+  by_round, by_traffic = (fig.axes[0] for fig in drawn)
+  runs = _metrics(text_root)
+  for ax, x_key in ((by_round, 'round'), (by_traffic, 'bytes_cumulative')):
+    assert ax.get_yscale() == 'log' and 'perplexity' in ax.get_ylabel()
+    line = [l for l in ax.get_lines() if l.get_label() == 'method=lora (n=2)'][0]
+    evaluated = [[r for r in runs['lora', seed] if 'test_perplexity' in r] for seed in (0, 1)]
+    x = np.mean([[r[x_key] for r in e] for e in evaluated], axis=0)
+    y = np.mean([[r['test_perplexity'] for r in e] for e in evaluated], axis=0)
+    scale = 1 / MIB if x_key == 'bytes_cumulative' else 1
+    np.testing.assert_allclose(line.get_xdata(), x * scale)
+    np.testing.assert_allclose(line.get_ydata(), y)
+    assert line.get_xdata()[0] == 0 and line.get_ydata()[0] == 300
+  target = [l for l in by_traffic.get_lines() if l.get_label() == 'target perplexity 100']
+  assert target and list(target[0].get_ydata()) == [100, 100]
+
+
+def test_text_runs_without_a_target_have_no_target_column(tmp_path):
+  for seed in (0, 1):
+    _write_run(tmp_path / f'lora_{seed}', _text_config('lora', seed),
+               _text_records('lora', seed))
+  row = results.write_report(str(tmp_path))['method=lora']
+  assert row['target_perplexity'] is None and row['reached_target'] is None
+  assert row['mib_to_target_mean'] is None
+  markdown = (tmp_path / 'report.md').read_text()
+  assert 'MiB to' not in markdown and 'report.target_perplexity is unset' in markdown
+  header = next(l for l in markdown.splitlines() if l.startswith('| group'))
+  row_line = next(l for l in markdown.splitlines() if l.startswith('| method=lora'))
+  assert header.count('|') == row_line.count('|')
+  # A target given to the report function instead of the configs.
+  assert results.write_report(str(tmp_path), target_perplexity=85)['method=lora'][
+      'reached_target'] == 1
+
+
+def test_text_reports_refuse_mixed_roots_other_targets_and_a_last_round_without_perplexity(
+    text_root):
+  with pytest.raises(results.ReportError, match=r'^--target_accuracy=0.7: the runs under .* '
+                     r'are text runs, reported in perplexity; their target is '
+                     r'report.target_perplexity'):
+    results.write_report(str(text_root), 0.7)
+  with pytest.raises(results.ReportError, match='target_perplexity=0.5: a perplexity is at '
+                     'least 1'):
+    results.write_report(str(text_root), target_perplexity=0.5)
+  _write_run(text_root / 'lora_seed2', _text_config('lora', 2, target=50.0),
+             _text_records('lora', 1))
+  with pytest.raises(results.ReportError, match=r'report.target_perplexity is missing or '
+                     r'differs between runs \(100.0 in .*; 50.0 in .*lora_seed2\)'):
+    results.write_report(str(text_root))
+  (text_root / 'lora_seed2' / 'config.json').unlink()
+  (text_root / 'lora_seed2' / 'metrics.jsonl').unlink()
+  (text_root / 'lora_seed2').rmdir()
+  _write_run(text_root / 'images' / 'bias', _config('bias', 0), _records('bias', 0))
+  with pytest.raises(results.ReportError) as e:
+    results.write_report(str(text_root))
+  assert str(e.value) == (
+      f'--workdir={text_root} mixes runs reported in accuracy (e.g. {text_root}/images/bias) '
+      f'and text runs reported in perplexity (e.g. {text_root}/lora_seed0): report each '
+      'kind from a folder of its own')
+  run = text_root / 'lora_seed0'
+  records = _text_records('lora', 0)
+  del records[-1]['test_perplexity']
+  (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  with pytest.raises(results.ReportError, match=f'{run}/metrics.jsonl: the last round \\(4\\) '
+                     'has no test_perplexity'):
+    results.write_report(str(run))

@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from fedpeft_jax import resume
+from fedpeft_jax.experiment import build
 from fedpeft_jax.experiment import console
 from fedpeft_jax.experiment import extra_callbacks
 from fedpeft_jax.experiment import loop
@@ -301,6 +302,8 @@ class MetricsLog(loop.Callback):
 # Record keys -> TensorBoard tags, and the factor each value is scaled by.
 TENSORBOARD_TAGS = {
     'test_accuracy': ('accuracy/test', 1),
+    'test_perplexity': ('perplexity/test', 1),  # Text (causal_lm).
+    'test_loss': ('loss/test', 1),  # Text (causal_lm).
     'train_loss': ('loss/train', 1),
     'bytes_cumulative': ('traffic/sent_MiB', 1 / MIB),
     'clients_reported': ('clients/reported', 1),
@@ -344,13 +347,31 @@ class TensorBoard(loop.Callback):
     self.writer.close()
 
 
+def _four_digits(value: float) -> str:
+  """271.3, 9.87, 1.234; a whole number from 10,000."""
+  return f'{value:.4g}' if value < 1e4 else f'{value:.0f}'
+
+
+# The console's name of a task's headline metric (its `Task.metrics[0]`) and how its value
+# shows; another metric shows under its name less `test_`, to 4 decimals.
+HEADLINES = {'test_accuracy': ('acc', lambda value: f'{value:.4f}'),
+             'test_perplexity': ('ppl', _four_digits)}
+
+
 class Console(loop.Callback):
-  """A progress line every round: accuracy (when evaluated), loss, traffic, time, ETA; and
-  round 0's: the initial model's accuracy."""
+  """A progress line every round: the headline metric (when evaluated), loss, traffic,
+  time, ETA; and round 0's: the initial model's headline metric.
+
+  `headline`: the task's headline metric, the first of its `Task.metrics`: `test_accuracy`
+  shows as `acc 0.6250` (image classification), `test_perplexity` as `ppl 271.3` (text,
+  where next-token accuracy would mislead).
+  """
   phase = 'write'
 
-  def __init__(self, rounds: int):
-    self.rounds = rounds
+  def __init__(self, rounds: int, headline: str = 'test_accuracy'):
+    self.rounds, self.headline = rounds, headline
+    self.label, self.show = HEADLINES.get(
+        headline, (headline.removeprefix('test_'), HEADLINES['test_accuracy'][1]))
 
   def on_run_start(self, state):
     self.seconds = []
@@ -376,9 +397,10 @@ class Console(loop.Callback):
 
   def _head(self, round_index: int, record) -> str:
     """'round    2/10  acc 0.6250' (and '  eps 1.2' under DP): how every line starts."""
-    accuracy = record.get('test_accuracy')
-    return (f'round {round_index:4d}/{self.rounds}  '
-            + (f'acc {accuracy:.4f}' if accuracy is not None else 'acc    -  ')
+    value = record.get(self.headline)
+    shown = (f'{self.label} {self.show(value)}' if value is not None
+             else f'{self.label}    -  ')
+    return (f'round {round_index:4d}/{self.rounds}  ' + shown
             + (f'  eps {float(record["epsilon"]):.3g}' if 'epsilon' in record else ''))
 
 
@@ -435,7 +457,8 @@ def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpoin
   primary: whether this is process 0, which alone writes files; every process saves its
     shards of the checkpoints.
   ledger: the privacy ledger `build` set the noise from (`restore_ledger`); DP runs only.
-  The checkpoint holds the values of every `loop.Stateful` listed, under its name.
+  The checkpoint holds the values of every `loop.Stateful` listed, under its name. The
+  console shows the task's headline metric (`build.task(config).metrics[0]`).
   """
   fl, rounds = config.fl, config.fl.rounds
   callbacks = [
@@ -451,7 +474,8 @@ def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpoin
   callbacks.append(RoundClock())  # Last of the compute phase: its time includes the above.
   if primary:  # Files written once, by process 0.
     callbacks += [MetricsLog(os.path.join(workdir, 'metrics.jsonl')),
-                  TensorBoard(os.path.join(workdir, 'tb')), Console(rounds)]
+                  TensorBoard(os.path.join(workdir, 'tb')),
+                  Console(rounds, build.task(config).metrics[0])]
   stateful = [c for c in callbacks if isinstance(c, loop.Stateful)]
   callbacks.append(Checkpoint(checkpointer, config, config.checkpoint.every, rounds,
                               stateful))

@@ -11,6 +11,12 @@ Round 0 (the initial model, which runs write before training; runs made before i
 none) is the initial accuracy, starts every curve (at 0 MiB and epsilon 0) and counts for
 the traffic to the target (0 MiB if the initial model reaches it); final, best and swing
 are of the trained model, rounds 1 on.
+
+Runs are reported in their task's headline metric (a `Measure`): image runs in test
+accuracy, text runs (whose metrics carry `test_perplexity`, the causal_lm task's) in test
+perplexity, lower better: the same table and figures, named `perplexity_*`, best the
+lowest, the target `report.target_perplexity` (None: no target column). A root that holds
+both kinds is refused: their tables do not share columns.
 """
 from __future__ import annotations
 
@@ -34,16 +40,49 @@ from fedpeft_jax.experiment import workdir as workdir_lib
 
 CONFIG_FILE, METRICS_FILE, PARTITION_FILE = 'config.json', 'metrics.jsonl', 'partition.json'
 TARGET_KEY = 'report.target_accuracy'
+TARGET_PERPLEXITY_KEY = 'report.target_perplexity'
 # The paper's grid: always in a label when they differ between groups.
 PAPER_AXES = ('peft.method', 'dp.mode', 'fl.num_clients', 'fl.clients_per_round',
               'data.partition', 'data.alpha')
-# The last round is always evaluated; these make its row of the table.
-LAST_ROUND_KEYS = ('test_accuracy', 'bytes_cumulative', 'trainable_params', 'wall_s')
-EPSILON_FIGURE, PARTITION_FIGURE = 'accuracy_vs_epsilon.png', 'partition.png'
+# The last round is always evaluated; these and its measure's key make its row of the table.
+LAST_ROUND_KEYS = ('bytes_cumulative', 'trainable_params', 'wall_s')
+PARTITION_FIGURE = 'partition.png'
 
 
 class ReportError(errors.UserError):
   pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """The test metric a report is in: `key` in metrics.jsonl, `name` in column and figure
+  names, its target's config key, and the range its ±std bands are clipped to."""
+  key: str
+  name: str
+  higher_is_better: bool
+  target_key: str
+  bounds: tuple[float, float | None]
+
+  def reaches(self, value: float, target: float) -> bool:
+    return value >= target if self.higher_is_better else value <= target
+
+  def best(self, values) -> float:
+    return max(values) if self.higher_is_better else min(values)
+
+  def figure(self, kind: str) -> str:
+    """'accuracy_vs_round.png' for kind 'round'."""
+    return f'{self.name}_vs_{kind}.png'
+
+
+ACCURACY = Measure('test_accuracy', 'accuracy', True, TARGET_KEY, (0.0, 1.0))
+# exp of the mean next-token cross-entropy (tasks/causal_lm.py): 1 at best, lower better.
+PERPLEXITY = Measure('test_perplexity', 'perplexity', False, TARGET_PERPLEXITY_KEY,
+                     (1.0, None))
+
+
+def measure_of(metrics: list[dict]) -> Measure:
+  """PERPLEXITY for a run whose records carry `test_perplexity` (a text run), else ACCURACY."""
+  return PERPLEXITY if any(PERPLEXITY.key in r for r in metrics) else ACCURACY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +93,14 @@ class Run:
   partition: dict | None = None  # Its partition.json; None from runs made before it existed.
 
   @property
+  def measure(self) -> Measure:
+    return measure_of(self.metrics)
+
+  @property
   def evaluated(self) -> list[dict]:
     """The evaluated records, round 0 (the initial model) included."""
-    return [r for r in self.metrics if 'test_accuracy' in r]
+    key = self.measure.key
+    return [r for r in self.metrics if key in r]
 
   @property
   def trained(self) -> list[dict]:
@@ -122,7 +166,7 @@ def load_run(path: str) -> Run:
   if last['round'] != config['fl.rounds']:
     raise ReportError(f'{path}: unfinished, round {last["round"]} of fl.rounds='
                       f'{config["fl.rounds"]}; {fix}')
-  absent = [k for k in LAST_ROUND_KEYS if k not in last]
+  absent = [k for k in (measure_of(metrics).key,) + LAST_ROUND_KEYS if k not in last]
   if absent:
     raise ReportError(f'{path}/{METRICS_FILE}: the last round ({last["round"]}) has no '
                       f'{", ".join(absent)}; {fix}')
@@ -175,20 +219,27 @@ def label_keys(settings: list[dict[str, Any]]) -> list[str]:
   return keys or ['peft.method']  # A lone group is named by its method.
 
 
-def resolve_target(runs: list[Run], override: float | None) -> float:
-  """`override`, else the runs' `report.target_accuracy`, which must agree."""
-  target = override
+def resolve_target(runs: list[Run], override: float | None) -> float | None:
+  """`override`, else the runs' target of their measure (`report.target_accuracy`, or for
+  text runs `report.target_perplexity`, where None is no target), which must agree."""
+  measure, target = runs[0].measure, override
   if target is None:
     where = {}
     for run in runs:
-      where.setdefault(run.config.get(TARGET_KEY), run.path)
-    if len(where) > 1 or None in where:
+      where.setdefault(run.config.get(measure.target_key), run.path)
+    if len(where) > 1 or (None in where and measure is ACCURACY):
       found = '; '.join(f'{"none" if v is None else v} in {p}' for v, p in where.items())
-      raise ReportError(f'{TARGET_KEY} is missing or differs between runs ({found}): '
-                        'pass --target_accuracy=F to compare them at one target')
+      fix = ('pass --target_accuracy=F to compare them at one target' if measure is ACCURACY
+             else f'set {measure.target_key} alike in their config.json files (none: no '
+             'target)')
+      raise ReportError(f'{measure.target_key} is missing or differs between runs ({found}): '
+                        + fix)
     target = next(iter(where))
-  if not 0 < target <= 1:
+  if measure is ACCURACY and not 0 < target <= 1:
     raise ReportError(f'target accuracy {target}: must be a fraction in (0, 1], e.g. 0.7')
+  if measure is PERPLEXITY and target is not None and not target >= 1:
+    raise ReportError(f'{measure.target_key}={target}: a perplexity is at least 1; give '
+                      'the perplexity to reach, e.g. 50')
   return target
 
 
@@ -198,44 +249,55 @@ def _mean_std(values) -> tuple[float, float | None]:
   return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def bytes_to_target(run: Run, target: float) -> int | None:
-  """Bytes sent when test accuracy first reached `target` (0 if the initial model, round 0,
-  did); None if it never did."""
-  return next((r['bytes_cumulative'] for r in run.evaluated if r['test_accuracy'] >= target),
-              None)
+def bytes_to_target(run: Run, target: float | None) -> int | None:
+  """Bytes sent when the test metric first reached `target` (accuracy at least, perplexity
+  at most; 0 if the initial model, round 0, did); None if it never did, or no target."""
+  if target is None:
+    return None
+  measure = run.measure
+  return next((r['bytes_cumulative'] for r in run.evaluated
+               if measure.reaches(r[measure.key], target)), None)
 
 
 def swing(run: Run) -> float | None:
-  """How much the global model jumps about: the mean absolute change of test accuracy
-  between consecutive evaluations after training (client drift shows here; the step from
-  the initial model, round 0, is learning, not drift); None with one evaluation."""
-  accuracy = [e['test_accuracy'] for e in run.trained]
-  return float(np.mean(np.abs(np.diff(accuracy)))) if len(accuracy) > 1 else None
+  """How much the global model jumps about: the mean absolute change of the test metric
+  (accuracy, or perplexity for text runs) between consecutive evaluations after training
+  (client drift shows here; the step from the initial model, round 0, is learning, not
+  drift); None with one evaluation."""
+  values = [e[run.measure.key] for e in run.trained]
+  return float(np.mean(np.abs(np.diff(values)))) if len(values) > 1 else None
 
 
-def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
-  """A group's row of the table (report.csv): seed statistics of its runs' metrics."""
-  initial = [r.initial['test_accuracy'] for r in runs if r.initial is not None]
-  final_mean, final_std = _mean_std(r.last['test_accuracy'] for r in runs)
-  best_mean, best_std = _mean_std(max(e['test_accuracy'] for e in r.trained) for r in runs)
+def summarize(label: str, runs: list[Run], target: float | None) -> dict[str, Any]:
+  """A group's row of the table (report.csv): seed statistics of its runs' metrics, in
+  their measure (`<name>` accuracy or perplexity; text rows add the initial std)."""
+  measure = runs[0].measure
+  key, name = measure.key, measure.name
+  initial = [r.initial[key] for r in runs if r.initial is not None]
+  initial_mean, initial_std = _mean_std(initial) if initial else (None, None)
+  final_mean, final_std = _mean_std(r.last[key] for r in runs)
+  best_mean, best_std = _mean_std(measure.best(e[key] for e in r.trained) for r in runs)
   swings = [s for s in map(swing, runs) if s is not None]
   swing_mean, swing_std = _mean_std(swings) if swings else (None, None)
   reached = [b for b in (bytes_to_target(r, target) for r in runs) if b is not None]
   # float(): a run without noise writes the string 'inf' (JSON has no infinity).
   epsilons = [float(r.last['epsilon']) for r in runs if 'epsilon' in r.last]
+  # Round 0's, over the seeds that have one (None: runs made before round 0 was written).
+  initial_columns = {f'initial_{name}_mean': initial_mean}
+  if measure is PERPLEXITY:
+    initial_columns[f'initial_{name}_std'] = initial_std
   return {
       'group': label,
       'n': len(runs),
-      # Round 0's, over the seeds that have one (None: runs made before round 0 was written).
-      'initial_accuracy_mean': statistics.fmean(initial) if initial else None,
-      'final_accuracy_mean': final_mean,
-      'final_accuracy_std': final_std,
-      'best_accuracy_mean': best_mean,
-      'best_accuracy_std': best_std,
+      **initial_columns,
+      f'final_{name}_mean': final_mean,
+      f'final_{name}_std': final_std,
+      f'best_{name}_mean': best_mean,
+      f'best_{name}_std': best_std,
       'swing_mean': swing_mean,
       'swing_std': swing_std,
-      'target_accuracy': target,
-      'reached_target': len(reached),
+      f'target_{name}': target,
+      'reached_target': None if target is None else len(reached),
       'mib_to_target_mean': statistics.fmean(reached) / callbacks.MIB if reached else None,
       'total_mib_mean': statistics.fmean(r.last['bytes_cumulative'] for r in runs)
                         / callbacks.MIB,
@@ -247,14 +309,16 @@ def summarize(label: str, runs: list[Run], target: float) -> dict[str, Any]:
 
 
 def curve(runs: list[Run], x_key: str):
-  """(x, accuracy mean, accuracy std or None) over the rounds every seed evaluated with
+  """(x, metric mean, metric std or None) over the rounds every seed evaluated with
   `x_key`, round 0 (the initial model) first where every seed has it; x is the seeds' mean
-  (bytes and epsilon vary with the clients sampled)."""
+  (bytes and epsilon vary with the clients sampled). The metric: the runs' measure's
+  (test accuracy, or perplexity for text runs)."""
+  key = runs[0].measure.key
   by_round = [{r['round']: r for r in run.evaluated if x_key in r} for run in runs]
   rounds = sorted(set.intersection(*(set(b) for b in by_round)))
   x = np.mean([[float(b[t][x_key]) for t in rounds] for b in by_round], axis=0)
-  accuracy = np.array([[b[t]['test_accuracy'] for t in rounds] for b in by_round])
-  return x, accuracy.mean(0), accuracy.std(0, ddof=1) if len(runs) > 1 else None
+  values = np.array([[b[t][key] for t in rounds] for b in by_round])
+  return x, values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else None
 
 
 def _colors(groups) -> list:
@@ -264,13 +328,25 @@ def _colors(groups) -> list:
   return list(matplotlib.colormaps['turbo'](np.linspace(0, 1, len(groups))))
 
 
-def _figure(xlabel: str, title: str):
+def _measure(groups: dict[str, list[Run]]) -> Measure:
+  return next(iter(groups.values()))[0].measure
+
+
+def _figure(xlabel: str, title: str, measure: Measure = ACCURACY):
+  """Accuracy in percent; perplexity on a log axis (it spans decades from the initial
+  model)."""
   fig = figure.Figure(figsize=(10, 5), layout='constrained')
   ax = fig.subplots()
   ax.set_xlabel(xlabel)
-  ax.set_ylabel('server test accuracy')
-  ax.set_title(title)
-  ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+  ax.set_ylabel(f'server test {measure.name}' + (' (log scale)' * (measure is PERPLEXITY)))
+  ax.set_title(measure.name.capitalize() + title)
+  if measure is ACCURACY:
+    ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+  else:
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False,
+                                                     minor_thresholds=(2, 0.5)))
   ax.grid(alpha=0.3)
   return fig, ax
 
@@ -280,8 +356,9 @@ def _draw(ax, label, runs, x_key, color, x_scale=1.0):
   x, mean, std = curve(runs, x_key)
   ax.plot(x * x_scale, mean, marker='.', label=f'{label} (n={len(runs)})', color=color)
   if std is not None:
-    ax.fill_between(x * x_scale, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1),
-                    color=color, alpha=0.2, lw=0)
+    low, high = runs[0].measure.bounds
+    ax.fill_between(x * x_scale, np.clip(mean - std, low, high),
+                    np.clip(mean + std, low, high), color=color, alpha=0.2, lw=0)
 
 
 def _save(fig, path: str) -> str:
@@ -295,43 +372,57 @@ def _save(fig, path: str) -> str:
   return os.path.basename(path)
 
 
-def plot_accuracy_vs_round(groups: dict[str, list[Run]], path: str) -> str:
-  fig, ax = _figure('round', 'Accuracy by round')
+def plot_vs_round(groups: dict[str, list[Run]], path: str) -> str:
+  """The groups' measure (accuracy, or perplexity for text runs) by round."""
+  fig, ax = _figure('round', ' by round', _measure(groups))
   ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   for (label, runs), color in zip(groups.items(), _colors(groups)):
     _draw(ax, label, runs, 'round', color)
   return _save(fig, path)
 
 
-def plot_accuracy_vs_communication(groups: dict[str, list[Run]], target: float,
-                                   path: str) -> str:
-  """The paper's Figure 3: accuracy against cumulative traffic, and the target.
+def plot_vs_communication(groups: dict[str, list[Run]], target: float | None,
+                          path: str) -> str:
+  """The paper's Figure 3: accuracy (perplexity for text runs) against cumulative
+  traffic, and the target (none for text runs without `report.target_perplexity`).
 
   Traffic spans decades between methods, so the axis is logarithmic; from 0 MiB (round 0:
   the initial model) to the smallest traffic of a round it is linear (symlog), so every
   curve starts at the initial model.
   """
+  measure = _measure(groups)
   fig, ax = _figure('MiB sent, up and down, all clients (log scale; linear from 0)',
-                    'Accuracy by communication')
+                    ' by communication', measure)
   sent = [x for runs in groups.values() for x in curve(runs, 'bytes_cumulative')[0] if x > 0]
   ax.set_xscale('symlog', linthresh=min(sent, default=callbacks.MIB) / callbacks.MIB,
                 linscale=0.5)  # The linear stretch: half a decade wide.
-  ax.axhline(target, color='black', ls='--', lw=1, label=f'target {100 * target:g}%')
+  if target is not None:
+    ax.axhline(target, color='black', ls='--', lw=1,
+               label=f'target {100 * target:g}%' if measure is ACCURACY
+               else f'target perplexity {target:g}')
   for (label, runs), color in zip(groups.items(), _colors(groups)):
     _draw(ax, label, runs, 'bytes_cumulative', color, 1 / callbacks.MIB)
   return _save(fig, path)
 
 
-def plot_accuracy_vs_epsilon(groups: dict[str, list[Run]], path: str) -> str:
-  """DP groups against epsilon spent; the others' final accuracy as dotted lines."""
-  fig, ax = _figure('epsilon spent', 'Accuracy by privacy budget')
+def plot_vs_epsilon(groups: dict[str, list[Run]], path: str) -> str:
+  """DP groups against epsilon spent; the others' final accuracy (perplexity for text
+  runs) as dotted lines."""
+  measure = _measure(groups)
+  fig, ax = _figure('epsilon spent', ' by privacy budget', measure)
   for (label, runs), color in zip(groups.items(), _colors(groups)):
     if all('epsilon' in r.last for r in runs):
       _draw(ax, label, runs, 'epsilon', color)
     else:
-      ax.axhline(statistics.fmean(r.last['test_accuracy'] for r in runs), ls=':',
+      ax.axhline(statistics.fmean(r.last[measure.key] for r in runs), ls=':',
                  color=color, label=f'{label} (no DP, final)')
   return _save(fig, path)
+
+
+# The names of the image-only report, which draws the same.
+plot_accuracy_vs_round = plot_vs_round
+plot_accuracy_vs_communication = plot_vs_communication
+plot_accuracy_vs_epsilon = plot_vs_epsilon
 
 
 def plot_partitions(runs: list[Run], path: str) -> str:
@@ -371,29 +462,53 @@ def _percent(mean: float, std: float | None) -> str:
   return f'{100 * mean:.2f}' + ('' if std is None else f' ± {100 * std:.2f}')
 
 
+def _plain(mean: float, std: float | None) -> str:
+  return f'{mean:.2f}' + ('' if std is None else f' ± {std:.2f}')
+
+
+def _measure_columns(measure: Measure, target: float | None) -> tuple[list[str], str]:
+  """The headers of the measure's columns (initial, final, best, swing and, with a
+  target, MiB to it) and the note on them above the table."""
+  if measure is ACCURACY:
+    return (['initial accuracy (%)', 'final accuracy (%)', 'best accuracy (%)',
+             'swing (points)', f'MiB to {100 * target:g}% (seeds that reached it)'],
+            'initial: round 0, the model before training (mean); best and swing are over '
+            'rounds 1 on; swing: mean absolute change of test accuracy between consecutive '
+            'evaluations, in points; traffic counts every client, up and down (the target '
+            'may be reached at 0 MiB, by the initial model)')
+  return (['initial perplexity', 'final perplexity', 'best (lowest) perplexity',
+           'swing (perplexity)'] + ([] if target is None else [
+               f'MiB to perplexity {target:g} (seeds that reached it)']),
+          'test perplexity: exp of the mean next-token cross-entropy over the test split\'s '
+          'predicted tokens, lower is better; initial: round 0, the model before training; '
+          'best (the lowest) and swing are over rounds 1 on; swing: mean absolute change of '
+          'test perplexity between consecutive evaluations; traffic counts every client, up '
+          'and down ' + ('(no target: report.target_perplexity is unset)' if target is None
+                        else '(the target may be reached at 0 MiB, by the initial model)'))
+
+
 def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
-             target: float, figures: list[str]) -> str:
-  header = ['group', 'n', 'initial accuracy (%)', 'final accuracy (%)',
-            'best accuracy (%)', 'swing (points)',
-            f'MiB to {100 * target:g}% (seeds that reached it)', 'total MiB', 'trainable',
-            'epsilon', 'wall (s)', 'rounds']
+             target: float | None, figures: list[str]) -> str:
+  """report.md: the table of `rows` in the groups' measure, the figures, the runs."""
+  measure = _measure(groups)
+  columns, note = _measure_columns(measure, target)
+  header = ['group', 'n', *columns, 'total MiB', 'trainable', 'epsilon', 'wall (s)', 'rounds']
   lines = [f'# Results of {root}', '',
            f'{sum(map(len, groups.values()))} runs in {len(groups)} groups: runs that differ '
            'only in `seed` form a group, named by the config keys that differ between '
-           'groups. Mean ± sample std over seeds; initial: round 0, the model before '
-           'training (mean); best and swing are over rounds 1 on; swing: mean absolute '
-           'change of test accuracy between consecutive evaluations, in points; traffic '
-           'counts every client, up and down (the target may be reached at 0 MiB, by the '
-           'initial model); epsilon and wall time are the last round\'s.', '',
+           f'groups. Mean ± sample std over seeds; {note}; epsilon and wall time are the '
+           'last round\'s.', '',
            '| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
+  show, metric = _percent if measure is ACCURACY else _plain, measure.name
   for label, row in rows.items():
     to_target = (f'{row["mib_to_target_mean"]:.2f}' if row['reached_target'] else '-')
-    initial = row['initial_accuracy_mean']
-    cells = [label, row['n'], '-' if initial is None else _percent(initial, None),
-             _percent(row['final_accuracy_mean'], row['final_accuracy_std']),
-             _percent(row['best_accuracy_mean'], row['best_accuracy_std']),
-             '-' if row['swing_mean'] is None else _percent(row['swing_mean'], row['swing_std']),
-             f'{to_target} ({row["reached_target"]}/{row["n"]})',
+    initial = row[f'initial_{metric}_mean']
+    cells = [label, row['n'],
+             '-' if initial is None else show(initial, row.get(f'initial_{metric}_std')),
+             show(row[f'final_{metric}_mean'], row[f'final_{metric}_std']),
+             show(row[f'best_{metric}_mean'], row[f'best_{metric}_std']),
+             '-' if row['swing_mean'] is None else show(row['swing_mean'], row['swing_std']),
+             *([] if target is None else [f'{to_target} ({row["reached_target"]}/{row["n"]})']),
              f'{row["total_mib_mean"]:.2f}', f'{row["trainable_params"]:,}',
              '-' if row['epsilon_mean'] is None else f'{row["epsilon_mean"]:.3g}',
              f'{row["wall_s_mean"]:.1f}', row['rounds']]
@@ -405,12 +520,42 @@ def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
   return '\n'.join(lines) + '\n'
 
 
-def write_report(root: str, target_accuracy: float | None = None) -> dict:
+def one_measure(root: str, runs: list[Run]) -> Measure:
+  """The measure every run under `root` is reported in; a root mixing image runs
+  (accuracy) and text runs (perplexity) is a ReportError naming one of each."""
+  kinds = {}
+  for run in runs:
+    kinds.setdefault(run.measure, run.path)
+  if len(kinds) > 1:
+    raise ReportError(f'--workdir={root} mixes runs reported in accuracy (e.g. '
+                      f'{kinds[ACCURACY]}) and text runs reported in perplexity (e.g. '
+                      f'{kinds[PERPLEXITY]}): report each kind from a folder of its own')
+  return next(iter(kinds))
+
+
+def write_report(root: str, target_accuracy: float | None = None,
+                 target_perplexity: float | None = None) -> dict:
   """Writes `report.md`, `report.csv` and the figures of every run under `root`; returns
-  the table, {group label: row}: the rows of report.csv."""
+  the table, {group label: row}: the rows of report.csv.
+
+  In the runs' measure (`one_measure`): image runs in accuracy (`accuracy_vs_*.png`,
+  target `target_accuracy`, default their `report.target_accuracy`), text runs in
+  perplexity (`perplexity_vs_*.png`, target `target_perplexity`, default their
+  `report.target_perplexity`; None: no target). The other measure's target is a
+  ReportError: it would be ignored.
+  """
   root = os.path.abspath(root)
   runs = [load_run(path) for path in find_runs(root)]
-  target = resolve_target(runs, target_accuracy)
+  measure = one_measure(root, runs)
+  if measure is PERPLEXITY and target_accuracy is not None:
+    raise ReportError(f'--target_accuracy={target_accuracy}: the runs under {root} are '
+                      'text runs, reported in perplexity; their target is '
+                      f'{PERPLEXITY.target_key} in their configs')
+  if measure is ACCURACY and target_perplexity is not None:
+    raise ReportError(f'target perplexity {target_perplexity}: the runs under {root} are '
+                      'reported in accuracy; give --target_accuracy=F instead')
+  target = resolve_target(
+      runs, target_accuracy if measure is ACCURACY else target_perplexity)
   groups = group_runs(runs)
   rows = {label: summarize(label, members, target) for label, members in groups.items()}
   workdir_lib.prepare(root)  # Proves it writable, with a one-line error if not.
@@ -419,12 +564,12 @@ def write_report(root: str, target_accuracy: float | None = None) -> dict:
     writer = csv.DictWriter(f, fieldnames=list(next(iter(rows.values()))))
     writer.writeheader()
     writer.writerows(rows.values())
-  figures = [plot_accuracy_vs_round(groups, os.path.join(root, 'accuracy_vs_round.png')),
-             plot_accuracy_vs_communication(
-                 groups, target, os.path.join(root, 'accuracy_vs_communication.png'))]
-  epsilon_path = os.path.join(root, EPSILON_FIGURE)
+  figures = [plot_vs_round(groups, os.path.join(root, measure.figure('round'))),
+             plot_vs_communication(groups, target,
+                                   os.path.join(root, measure.figure('communication')))]
+  epsilon_path = os.path.join(root, measure.figure('epsilon'))
   if any('epsilon' in run.last for run in runs):
-    figures.append(plot_accuracy_vs_epsilon(groups, epsilon_path))
+    figures.append(plot_vs_epsilon(groups, epsilon_path))
   elif os.path.exists(epsilon_path):
     os.remove(epsilon_path)  # Stale: from DP runs no longer here.
   partition_path = os.path.join(root, PARTITION_FIGURE)
