@@ -7,6 +7,8 @@ r"""Runs a FedPEFT experiment from an ml_collections config.
   python launch.py --config=experiments/pcam_vit_ti4.py:bias,dp=client --mode=privacy \
       --workdir=/tmp/dp --config.dp.target_epsilon=8
   python launch.py --mode=report --workdir=runs/sweep
+  python launch.py --config=experiments/shakespeare_tiny_llama.py:lora --workdir=/tmp/sh_lora \
+      --mode=sample --prompt='Now is the winter of' --temperature=0.8
 
 A user's mistake (a bad flag or config value, a missing or broken file, a busy
 workdir) ends the run before any work with one line naming it and the fix, and
@@ -31,6 +33,7 @@ from fedpeft_jax.experiment import callbacks
 from fedpeft_jax.experiment import multihost
 from fedpeft_jax.experiment import reports
 from fedpeft_jax.experiment import results
+from fedpeft_jax.experiment import sample
 from fedpeft_jax.experiment import sweep
 from fedpeft_jax.experiment import train
 from fedpeft_jax.experiment import workdir as workdir_lib
@@ -42,13 +45,26 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics and outputs are written '
                                '(not needed by --mode=config).')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'sweep', 'masks', 'privacy', 'config', 'report'],
+    'mode', 'train', ['train', 'sweep', 'masks', 'privacy', 'config', 'report', 'sample'],
     'train: run (or resume) the experiment; sweep: run (or resume) every point the config '
     "file's get_sweep() declares, each in WORKDIR/<point>; masks: trainable parameters of "
     'every PEFT method, or of a comma list in --config.peft.method (no data, no weights); '
     'privacy: the epsilon the configured run will deliver (trains nothing); config: print '
     'every config key with its value; report: tables and figures of the runs under '
-    '--workdir (needs no --config).')
+    '--workdir (needs no --config); sample: print the continuation of --prompt by the '
+    "config's decoder with the workdir's trained trainable.npz.")
+_PROMPT = flags.DEFINE_string(
+    'prompt', None, '--mode=sample: the text to continue (tokenized as the text source '
+    "does: bos + the model tokenizer's tokens).")
+_TEMPERATURE = flags.DEFINE_float(
+    'temperature', 0.0, '--mode=sample: 0 continues greedily (the most likely token each '
+    'step); above 0 samples from softmax(logits / temperature).')
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    'max_new_tokens', 64, '--mode=sample: at most this many tokens are generated (fewer at '
+    "eos or the model's max_position_embeddings).")
+_SAMPLE_SEED = flags.DEFINE_integer(
+    'sample_seed', 0, '--mode=sample: the random key of sampling (--temperature > 0): the '
+    'same seed gives the same text.')
 _TARGET_ACCURACY = flags.DEFINE_float(
     'target_accuracy', None, '--mode=report: the test accuracy (a fraction) to report the '
     "MiB sent to reach; default: the runs' report.target_accuracy.")
@@ -134,6 +150,29 @@ def _check_before_training(config) -> None:
   build.check_pretrained(config, build.build_model(config))
 
 
+def _sample(config) -> None:
+  """Prints the continuation of --prompt by the config's decoder and the workdir's
+  trainable.npz; every mistake is one line (UserError) before the model is loaded."""
+  if _PROMPT.value is None:
+    _fail("--mode=sample needs --prompt='TEXT', the text to continue")
+  if _MAX_NEW_TOKENS.value < 1:
+    _fail(f'--max_new_tokens={_MAX_NEW_TOKENS.value}: must be >= 1')
+  if not _TEMPERATURE.value >= 0:
+    _fail(f'--temperature={_TEMPERATURE.value}: must be >= 0 (0: greedy)')
+  sample.check_task(config)
+  validation.validate(config, needs_data=False)
+  sample.trainable_path(_WORKDIR.value)  # Before the model is built: run training first.
+  build.check_pretrained(config, build.build_model(config))
+  try:
+    text = sample.sample(config, _WORKDIR.value, _PROMPT.value, _MAX_NEW_TOKENS.value,
+                         _TEMPERATURE.value, _SAMPLE_SEED.value)
+  except errors.UserError as e:
+    if e.argument == 'prompt':
+      _fail(f'--prompt: {e}')
+    raise
+  print(text)
+
+
 def _sweep() -> None:
   """Runs (or prints) every point of the config file's sweep, then writes the report."""
   path, _, arg = flags.FLAGS['config'].config_filename.partition(':')
@@ -189,14 +228,17 @@ def main(argv):
     _fail(f'--mode={mode} needs --workdir=DIR, where its outputs are written')
   if _DISTRIBUTED.value:
     _initialize_distributed()
-  if mode in ('report', 'masks', 'privacy') and not multihost.is_primary():
-    return  # Reports are written once.
+  if mode in ('report', 'masks', 'privacy', 'sample') and not multihost.is_primary():
+    return  # Reports are written (and samples printed) once.
   try:
     if mode == 'sweep':
       _sweep()
       return
     if mode == 'report':  # Reads finished runs; needs no config.
       results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value)
+      return
+    if mode == 'sample':  # Reads a finished run's trainable.npz; writes nothing.
+      _sample(config)
       return
     if mode == 'train':
       multihost.agree(lambda: _check_before_training(config))

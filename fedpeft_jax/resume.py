@@ -242,3 +242,32 @@ def export_trainable(path: str, trainable) -> None:
   """The trained parameters as an official-layout `.npz`: all a user ships."""
   flat = traverse_util.flatten_dict(trainable, sep='/')
   np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+def load_trainable(path: str, template):
+  """The trainable tree `export_trainable` wrote to `path`, checked against `template`
+  (the tree the config trains: same leaf paths and shapes), each leaf in the template's
+  dtype. Raises `errors.UserError` (argument 'path') for a missing or unreadable file, or
+  one of another config's trainable parameters (naming the first differences)."""
+  if not os.path.isfile(path):
+    raise errors.UserError(f'{path} does not exist: train first (a run writes it at its '
+                           'end)', argument='path')
+  try:
+    with np.load(path) as data:
+      saved = {key: data[key] for key in data.files}
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(f'{path} is not a readable .npz ({type(e).__name__}): train '
+                           'again to write it', argument='path') from None
+  wanted = traverse_util.flatten_dict(template, sep='/')
+  problems = [f'{k} {saved[k].shape} in the file, not trained now' if k not in wanted else
+              f'{k} {tuple(wanted[k].shape)} trained now, not in the file' if k not in saved
+              else f'{k} {saved[k].shape} in the file, {tuple(wanted[k].shape)} now'
+              for k in sorted(set(saved) | set(wanted))
+              if k not in saved or k not in wanted or saved[k].shape != wanted[k].shape]
+  if problems:
+    more = f' (and {len(problems) - 2} more)' if len(problems) > 2 else ''
+    raise errors.UserError(f'{path} holds other trainable parameters than this config '
+                           f'trains: {"; ".join(problems[:2])}{more}: use the config '
+                           '(peft.method and its options) that trained it', argument='path')
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(saved[k], wanted[k].dtype) for k in wanted}, sep='/')

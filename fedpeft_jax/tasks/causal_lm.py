@@ -8,6 +8,9 @@ predicted from position t - 1 (0 for bos, padding and instruction prompts). The 
 t - 1 are scored against the token at t wherever `loss_mask[:, t]` is 1. Right padding needs
 no attention mask: a causal model's predictions of real tokens never see the padding after
 them.
+
+`make_generate` continues a prompt with the model (greedy or sampled), for
+`launch.py --mode=sample` (`experiment/sample.py`).
 """
 from __future__ import annotations
 
@@ -110,6 +113,46 @@ def make_test_evaluation(config, model, frozen, test_set, place, trainable):
     return {'test_perplexity': float(np.exp(mean)), 'test_loss': float(mean),
             'test_accuracy': float(hits / max(tokens, 1.0))}
   return evaluate
+
+
+def make_generate(model, stop_ids=()):
+  """A jitted `generate(params, tokens, start, stop, temperature, rng) -> (tokens, end)`
+  continuing a prompt in a fixed token buffer, compiled once per buffer length (any
+  prompt, stop, temperature and key reuse it: no recompiling per token or per prompt).
+
+  `params` the model's whole tree (`peft.merge(trainable, frozen)`); `tokens` int [length]
+  (the buffer): the prompt in tokens[:start] (bos first, as the text source
+  writes it), anything after it (it is overwritten). Step t (start <= t < stop, `stop` <=
+  length) runs the model over the whole buffer and writes at t the argmax of the logits at
+  t - 1 (temperature 0), or a draw from softmax(logits / temperature) with key
+  `fold_in(rng, t)`; it ends early after writing one of `stop_ids` (eos), which is kept.
+  Returns the buffer and `end`, the index after the last written token: the continuation
+  is tokens[start:end]. Causal attention makes the buffer's unwritten tail invisible to
+  the logits at t - 1, so no attention mask is needed.
+
+  No KV cache: each step is one full forward pass over `length` tokens (O(length) passes
+  of O(length^2) attention), the price of leaving the model untouched; soft-prompt
+  methods' prefixes (`model/llama.py`'s tokens hook) work as in training.
+  """
+  stops = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)
+
+  @jax.jit
+  def generate(params, tokens, start, stop, temperature, rng):
+    def step(carry):
+      t, tokens, _ = carry
+      logits = model.apply({'params': params}, tokens[None])[0]
+      logits = jax.lax.dynamic_index_in_dim(logits, t - 1, keepdims=False)
+      drawn = jax.random.categorical(jax.random.fold_in(rng, t),
+                                     logits / jnp.maximum(temperature, 1e-6))
+      token = jnp.where(temperature > 0, drawn, jnp.argmax(logits)).astype(jnp.int32)
+      return t + 1, tokens.at[t].set(token), jnp.any(token == stops)
+
+    running = lambda carry: (carry[0] < stop) & ~carry[2]
+    end, tokens, _ = jax.lax.while_loop(
+        running, step, (jnp.asarray(start, jnp.int32), jnp.asarray(tokens, jnp.int32),
+                        jnp.asarray(False)))
+    return tokens, end
+  return generate
 
 
 TASKS.register('causal_lm', Task(
