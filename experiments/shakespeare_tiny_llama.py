@@ -1,0 +1,50 @@
+"""Offline federated language modelling: the shared tiny Llama on Shakespeare's roles.
+
+  python launch.py --config=experiments/shakespeare_tiny_llama.py:lora --workdir=/tmp/sh_lora
+
+The decoder is `shared/backbones/tiny_llama_en` (a 1M-parameter Hugging Face Llama
+pretrained on public-domain English that never saw Shakespeare); the data
+`shared/data/shakespeare_roles.tar.gz`, every speech of 37 plays with each speaking role a
+client, as LEAF's Shakespeare. Roles with at least 10 training speeches are the clients
+(529 of 1,305; the others are left out of every split, as LEAF does, and counted in
+`partition.json`); 16 of them train each round. Both are found beside the checkout from
+this file's own location, so the command works from any working directory.
+"""
+import pathlib
+
+from fedpeft_jax import configs, errors
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared'
+NUM_ROLES = 529  # Roles with >= MIN_SPEECHES training speeches.
+MIN_SPEECHES = 10
+# The decoder's methods: `bias` (no biases) and `head` (tied lm_head) are refused on it.
+DECODER_METHODS = ('full', 'norm', 'adapter', 'prompt', 'lora')
+
+
+def get_config(arg: str = 'lora'):
+  """`arg`: METHOD[,dp=none|client|sample][,clients=N][,participation=F]."""
+  c = configs.base_config(arg, clients=str(NUM_ROLES), participation=str(16 / NUM_ROLES))
+  c.model.family = 'llama'
+  c.model.checkpoint = str(SHARED / 'backbones' / 'tiny_llama_en')
+  c.model.dtype = 'float32'  # CPUs run bfloat16 matmuls slower than float32.
+  c.data.source = 'text'
+  c.data.path = str(SHARED / 'data' / 'shakespeare_roles.tar.gz')
+  c.data.text_field = 'text'
+  c.data.client_field = 'client'
+  c.data.min_client_examples = MIN_SPEECHES
+  c.data.max_length = 128
+  c.data.partition = 'natural'
+  c.fl.rounds = 20
+  c.fl.local_epochs = 1
+  c.fl.batch_size = 16
+  c.fl.eval_every = 5
+  c.eval.batch_size = 64
+  return c
+
+
+def get_sweep(arg: str = 'methods'):
+  """'methods': every decoder method, 3 seeds (the README's text study)."""
+  if arg == 'methods':
+    return configs.grid({'arg': list(DECODER_METHODS), 'seed': [0, 1, 2]})
+  raise errors.UserError(f"--config=experiments/shakespeare_tiny_llama.py:{arg}: this file's "
+                         "sweep is 'methods'")
