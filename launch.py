@@ -68,6 +68,9 @@ _SAMPLE_SEED = flags.DEFINE_integer(
 _TARGET_ACCURACY = flags.DEFINE_float(
     'target_accuracy', None, '--mode=report: the test accuracy (a fraction) to report the '
     "MiB sent to reach; default: the runs' report.target_accuracy.")
+_TARGET_PERPLEXITY = flags.DEFINE_float(
+    'target_perplexity', None, '--mode=report on text runs: the test perplexity to report '
+    "the MiB sent to reach; default: the runs' report.target_perplexity.")
 _SWEEP_DRY_RUN = flags.DEFINE_bool(
     'sweep_dry_run', False, '--mode=sweep: print one launch.py command per point instead '
     'of running them (to dispatch points to many machines).')
@@ -187,7 +190,7 @@ def _sweep() -> None:
             validate=lambda c: multihost.agree(lambda: _check_before_training(c)),
             train=train.train)
   if multihost.is_primary():
-    results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value)
+    results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value, _TARGET_PERPLEXITY.value)
 
 
 def _initialize_distributed() -> None:
@@ -235,7 +238,7 @@ def main(argv):
       _sweep()
       return
     if mode == 'report':  # Reads finished runs; needs no config.
-      results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value)
+      results.write_report(_WORKDIR.value, _TARGET_ACCURACY.value, _TARGET_PERPLEXITY.value)
       return
     if mode == 'sample':  # Reads a finished run's trainable.npz; writes nothing.
       _sample(config)
