@@ -198,6 +198,9 @@ def _federated(c, arg: str, options: dict) -> None:
   c.fl.aggregation = 'auto'
   c.fl.dropout_prob = 0.0  # Chance that a sampled client fails to report.
   c.fl.shard_clients = True  # Spread each chunk of clients over all devices.
+  # Devices each frozen weight is split over (a 'model' mesh axis; clients are spread over the
+  # device count / this): for a backbone too large for one device. 1: every device holds it.
+  c.fl.model_parallel = 1
 
 
 def _training_and_privacy(c, method: str, dp_mode: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import math
 
+import jax
+
 from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.experiment import extra_callbacks
@@ -148,6 +150,7 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
 
   _validate_data(config, needs_data)
   _validate_federation(config)
+  _validate_model_parallel(config, needs_weights)
   _validate_privacy(config)
   _positive(config, 'checkpoint.every', 'checkpoint.keep', 'eval.batch_size')
 
@@ -210,6 +213,24 @@ def _validate_federation(config):
          'must be in [0, 1)')
   _check(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay,
          'must be >= 0')
+
+
+def _validate_model_parallel(config, needs_devices: bool):
+  """fl.model_parallel: an int >= 1 that divides the devices (checked only for a run that
+  trains: `--mode=masks` and `--mode=privacy` use no devices)."""
+  value = config.fl.model_parallel
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+         'fl.model_parallel', value,
+         'must be an int >= 1 (1: every device holds the whole frozen backbone)')
+  if not needs_devices or value == 1:
+    return
+  devices = jax.device_count()
+  _check(devices % value == 0, 'fl.model_parallel', value,
+         f'must divide the device count, {devices} (each frozen weight is split over '
+         f'that many devices, the clients over {devices} / that)')
+  _check(config.fl.shard_clients or value <= jax.local_device_count(), 'fl.model_parallel',
+         value, f'with fl.shard_clients=False the frozen weights are split over this host\'s '
+         f'{jax.local_device_count()} devices alone: use at most that many')
 
 
 def _positive_finite(config, *keys, allowed: str = 'must be > 0 and finite'):

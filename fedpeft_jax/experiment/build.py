@@ -71,10 +71,17 @@ def check_pretrained(config, model) -> None:
       model_family(config).check_pretrained(config, abstract_params(config, model))
 
 
-def init_params(config, model, rng):
-  """Fresh parameters, with the pretrained checkpoint's weights where it has them."""
+def init_params(config, model, rng, mesh: jax.sharding.Mesh | None = None):
+  """Fresh parameters, with the pretrained checkpoint's weights (numpy) where it has them.
+
+  With a `mesh` that has a 'model' axis (`client_mesh`, fl.model_parallel > 1) the fresh
+  parameters are made on it, the frozen ones already split (`frozen_shardings`): no device
+  ever holds the whole backbone. The values do not depend on the placement.
+  """
   family = model_family(config)
-  params = jax.jit(model.init)(rng, *family.dummy_input(config))['params']
+  init = lambda rng: model.init(rng, *family.dummy_input(config))['params']
+  shardings = frozen_shardings(config, jax.eval_shape(init, rng), mesh)
+  params = jax.jit(init, out_shardings=shardings)(rng)
   if config.model.checkpoint:
     with validation.config_keys(config, path='model.checkpoint',
                                 posemb_resample='model.posemb_resample'):
@@ -197,8 +204,17 @@ def privacy_spec(config, client_sizes=(), ledger: PrivacyLedger | None = None
 
 
 def client_mesh(config) -> jax.sharding.Mesh | None:
-  """All devices (of all hosts) along one 'clients' axis, if there is more than one."""
-  if not config.fl.shard_clients or jax.device_count() == 1:
+  """The devices the round runs on: with `fl.model_parallel` = 1, all devices (of all
+  hosts) along one 'clients' axis, if there is more than one; with m > 1 a ('clients',
+  'model') mesh of devices / m x m, each row of m devices holding one copy of the frozen
+  backbone split over them (`shard_frozen_on`) and training its share of the clients
+  (with `fl.shard_clients=False`: one row of this host's first m devices)."""
+  fl = config.fl
+  if fl.model_parallel > 1:
+    devices = jax.devices() if fl.shard_clients else jax.local_devices()[:fl.model_parallel]
+    return jax.sharding.Mesh(np.array(devices).reshape(-1, fl.model_parallel),
+                             ('clients', 'model'))
+  if not fl.shard_clients or jax.device_count() == 1:
     return None
   return jax.sharding.Mesh(np.array(jax.devices()), ('clients',))
 
@@ -214,6 +230,53 @@ def replicate_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.random.wrap_key_data(place(jax.random.key_data(x)))
     return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+  return lambda tree: jax.tree.map(place, tree)
+
+
+def model_axis_spec(shape: tuple[int, ...], model_parallel: int) -> jax.sharding.PartitionSpec:
+  """Where a frozen weight of `shape` is split over a 'model' mesh axis of `model_parallel`
+  devices: along its largest dimension that they divide (of equal ones the last, a
+  kernel's output features), for arrays of two or more dimensions; PartitionSpec() (whole
+  on every device) for vectors, scalars and arrays no dimension of which they divide.
+
+  A rule on shapes alone, so it serves every model family: XLA's partitioner adds the
+  collectives each split needs, so the result is the unsplit model's (to float rounding).
+  """
+  divisible = [i for i, n in enumerate(shape) if n >= model_parallel and n % model_parallel == 0]
+  if len(shape) < 2 or not divisible:
+    return jax.sharding.PartitionSpec()
+  axis = max(divisible, key=lambda i: (shape[i], i))
+  return jax.sharding.PartitionSpec(*(None,) * axis, 'model')
+
+
+def frozen_shardings(config, params, mesh: jax.sharding.Mesh | None):
+  """Each parameter's NamedSharding on `mesh` (`params` may be shapes alone): the ones
+  `peft.method` freezes split over its 'model' axis (`model_axis_spec`), the trainable
+  ones whole on every device. None for a mesh without a 'model' axis, or none."""
+  if mesh is None or 'model' not in mesh.axis_names:
+    return None
+  labels = peft.labels(config.peft.method, params, **peft_options(config))
+  return jax.tree.map(
+      lambda label, x: jax.sharding.NamedSharding(mesh, model_axis_spec(
+          x.shape, mesh.shape['model']) if label == 'frozen' else jax.sharding.PartitionSpec()),
+      labels, params)
+
+
+def shard_frozen_on(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
+  """A function placing the frozen tree on `mesh`: each weight split over its 'model'
+  axis by `model_axis_spec` and whole along 'clients'; `replicate_on(mesh)` for a mesh
+  without a 'model' axis, or none. Each host passes the same whole values and keeps the
+  pieces its devices hold."""
+  if mesh is None or 'model' not in mesh.axis_names:
+    return replicate_on(mesh)
+
+  def place(x):
+    sharding = jax.sharding.NamedSharding(mesh, model_axis_spec(x.shape, mesh.shape['model']))
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x  # Made in place (`init_params`).
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return lambda tree: jax.tree.map(place, tree)
 
@@ -278,7 +341,7 @@ def auto_client_chunk(config, build, state, args) -> int | None:
   if config.fl.client_chunk or not stats or 'bytes_limit' not in stats:
     return None
   mesh = client_mesh(config)
-  devices = mesh.size if mesh is not None else 1
+  devices = mesh.shape['clients'] if mesh is not None else 1  # The devices clients span.
   analysis = jax.jit(build(devices).apply).lower(state, *args).compile().memory_analysis()
   per_client = analysis.temp_size_in_bytes / devices
   capacity = (config.fl.num_clients if config.dp.mode == 'client' and
@@ -337,9 +400,10 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   table = fl_types.ClientTable.from_partition(client_indices)
 
   model = build_model(config)
+  mesh = client_mesh(config)
   with console.phase('initialising the model' + (
       f' from {config.model.checkpoint}' if config.model.checkpoint else '')):
-    params = init_params(config, model, init_rng)
+    params = init_params(config, model, init_rng, mesh)
   trainable, frozen = peft.split(params, peft.labels(config.peft.method, params,
                                                     **peft_options(config)))
   del params  # The frozen tree is the only copy of the backbone.
@@ -364,8 +428,10 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   algorithm = build_for(None)
   # Everything on every device of the mesh (all hosts'), so the compiled round and
   # evaluation see the same placement in every round and on every host.
-  place = replicate_on(client_mesh(config))
-  frozen, dataset, table = place((frozen, data.dataset, table))
+  # The frozen backbone split over the mesh's 'model' axis when fl.model_parallel > 1.
+  place = replicate_on(mesh)
+  frozen = shard_frozen_on(mesh)(frozen)
+  dataset, table = place((data.dataset, table))
   state = place(algorithm.init(trainable, run_rng))
   chunk = auto_client_chunk(config, build_for, state, (frozen, dataset, table))
   if chunk:

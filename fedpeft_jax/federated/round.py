@@ -9,9 +9,11 @@ the result (`optax.sgd(1.0)` is plain FedAvg). The federated algorithm's hooks
 train at once, so memory is bounded by that and a cohort of any size reuses one
 compilation.
 
-With a `mesh` whose one axis is 'clients', the clients training at once are spread
-over its devices; everything else (the frozen backbone, the dataset, the global
-trainable parameters) is replicated, and the sums over clients become all-reduces.
+With a `mesh` with a 'clients' axis, the clients training at once are spread over
+that axis; everything else (the dataset, the global trainable parameters) is replicated
+over it, and the sums over clients become all-reduces. A second 'model' axis is left to
+the arguments' placement: the frozen backbone may come split over it (weights sharded,
+clients replicated along it), and XLA adds the collectives that split needs.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _check(cohort: Cohort, execution: Execution) -> tuple[int, int]:
     raise errors.UserError(f'schedule={execution.schedule!r}: use one of '
                            f'{schedules.SCHEDULES}', argument='schedule')
   chunk = execution.client_chunk or cohort.clients_per_round
-  devices = 1 if execution.mesh is None else execution.mesh.size
+  devices = 1 if execution.mesh is None else execution.mesh.shape['clients']
   if chunk % devices:
     raise errors.UserError(f'fl.client_chunk={chunk} (0 means fl.clients_per_round) must be a '
                            f'multiple of the {devices} devices the clients are sharded over')
