@@ -56,6 +56,9 @@ class FederatedRound(NamedTuple):
   init: Callable[[PyTree, jax.Array], types.ServerState]  # (trainable, run key) -> state.
   # (state, frozen, dataset, table) -> (state one round on, its metrics).
   apply: Callable[..., tuple[types.ServerState, types.RoundMetrics]]
+  # (state, frozen) -> (trainable, frozen) of the global model as evaluated
+  # (`Algorithm.served`); None when that is (state.trainable, frozen) itself.
+  serve: Callable[..., tuple[PyTree, PyTree]] | None = None
 
 
 def _all_finite(tree):
@@ -116,7 +119,13 @@ def make_round(loss_fn: client_lib.LossFn, client_optimizer: optax.GradientTrans
   def apply(state, frozen, dataset, table):
     return _apply(parts, state, frozen, dataset, table)
 
-  return FederatedRound(init, apply)
+  def serve(state, frozen):
+    if algorithm.served is not None:
+      return algorithm.served(state.algorithm_state, state.trainable, frozen)
+    return state.trainable, algorithm.frozen(state.algorithm_state, frozen)
+
+  plain = algorithm.served is None and algorithm.frozen is algorithms_base.identity_frozen
+  return FederatedRound(init, apply, None if plain else serve)
 
 
 class _RoundParts(NamedTuple):
@@ -132,8 +141,8 @@ class _RoundParts(NamedTuple):
   schedule: str
 
 
-def _add_clients(p: _RoundParts, state, shared, num_examples_of, totals: schedules.Totals, ids,
-                 out: client_lib.ClientOutput, in_cohort):
+def _add_clients(p: _RoundParts, state, frozen, shared, num_examples_of,
+                 totals: schedules.Totals, ids, out: client_lib.ClientOutput, in_cohort):
   """Adds the updates of clients `ids` (-1: none) where `in_cohort` to the sums, if
   finite and of positive weight. A client without examples has no update to report: it
   is not counted, and a round of only such clients aggregates nothing."""
@@ -152,7 +161,7 @@ def _add_clients(p: _RoundParts, state, shared, num_examples_of, totals: schedul
   used = lambda x: whole(jnp.where(schedules.by_lane(use, x), x, 0))
   masked_sum = lambda x, total: total + jnp.sum(used(x).astype(total.dtype), 0)
   done = algorithms_base.ClientsDone(jnp.maximum(ids, 0), out.delta, num_examples, num_steps,
-                                     contribution.weight, used)
+                                     contribution.weight, used, state.trainable, frozen)
   return schedules.Totals(
       jax.tree.map(masked_sum, contribution, totals.contributions),
       totals.num_used + use.sum(),
@@ -188,17 +197,21 @@ def _context(p: _RoundParts, state, frozen, dataset, table, keys):
     return (example_ids, num_examples_of(client), jax.random.fold_in(keys.clients, index),
             p.algorithm.client_input(state.algorithm_state, shared, index))
 
+  start = None
+  if p.algorithm.start is not None:
+    start = lambda client: p.algorithm.start(state.trainable, inputs(client)[3])
   ctx = schedules.RoundContext(
       p.local, inputs,
-      lambda *a: _add_clients(p, state, shared, num_examples_of, *a),
+      lambda *a: _add_clients(p, state, frozen, shared, num_examples_of, *a),
       num_examples_of, state.trainable, frozen, dataset, queue, reported.sum(), p.batch_size,
       p.chunk, p.devices, chunking.packed_widths(p.chunk // p.devices),
-      _sharding(p.mesh, jax.sharding.PartitionSpec('clients')))
+      _sharding(p.mesh, jax.sharding.PartitionSpec('clients')), start)
   return ctx, clients, sampled, reported
 
 
 def _apply(p: _RoundParts, state: types.ServerState, frozen, dataset, table):
   keys = types.round_keys(state.rng, state.round)
+  frozen = p.algorithm.frozen(state.algorithm_state, frozen)  # What the clients train with.
   ctx, clients, sampled, reported = _context(p, state, frozen, dataset, table, keys)
   zero_contribution = jax.tree.map(
       lambda x: jnp.zeros(x.shape[1:], jnp.float32),
@@ -212,7 +225,13 @@ def _apply(p: _RoundParts, state: types.ServerState, frozen, dataset, table):
 
   aggregate = p.aggregator.finalize(totals.contributions, totals.num_used,
                                     state.aggregator_state, keys.aggregation)
-  mean_delta, algorithm_state = p.algorithm.finish(totals.algorithm, aggregate.mean_delta)
+  if p.algorithm.finish_round is None:
+    mean_delta, algorithm_state = p.algorithm.finish(totals.algorithm, aggregate.mean_delta)
+    algorithm_metrics = {}
+  else:
+    mean_delta, algorithm_state, algorithm_metrics = p.algorithm.finish_round(
+        totals.algorithm, aggregate.mean_delta,
+        algorithms_base.RoundEnd(state.trainable, frozen, state.round, state.rng))
   mean_delta = jax.tree.map(lambda d, w: d.astype(w.dtype), mean_delta, state.trainable)
   # The server optimizer descends along the negative average update.
   updates, opt_state = p.server_optimizer.update(
@@ -231,6 +250,6 @@ def _apply(p: _RoundParts, state: types.ServerState, frozen, dataset, table):
       train_loss=jnp.where(totals.examples_used > 0,
                            totals.loss_sum / jnp.maximum(totals.examples_used, 1), jnp.nan),
       aggregator=aggregate.metrics, examples_trained=totals.examples_trained,
-      examples_computed=totals.examples_computed)
+      examples_computed=totals.examples_computed, algorithm=algorithm_metrics)
   return types.ServerState(trainable, opt_state, aggregate.state, state.round + 1,
                            state.rng, algorithm_state), metrics

@@ -59,6 +59,14 @@ class RoundContext(NamedTuple):
   devices: int
   widths: tuple[int, ...]  # `chunking.packed_widths` of chunk // devices.
   by_client: Callable[[Any], Any]  # Shards a [clients, ...] value over the devices.
+  # client (-1: none) -> the trainable parameters it starts from (`Algorithm.start`);
+  # None: every client starts from `trainable`.
+  start: Callable[[jax.Array], PyTree] | None = None
+
+
+def client_start(ctx: RoundContext, client):
+  """The trainable parameters `client` starts from, and its update is measured from."""
+  return ctx.trainable if ctx.start is None else ctx.start(client)
 
 
 def train_padded(ctx: RoundContext, totals: Totals) -> Totals:
@@ -70,7 +78,7 @@ def train_padded(ctx: RoundContext, totals: Totals) -> Totals:
 
   def run_chunk(i, totals):
     chunk_ids = ctx.by_client(jax.lax.dynamic_slice(ids, (i * chunk,), (chunk,)))
-    out = jax.vmap(lambda c: ctx.local.run(ctx.trainable, ctx.frozen, ctx.dataset,
+    out = jax.vmap(lambda c: ctx.local.run(client_start(ctx, c), ctx.frozen, ctx.dataset,
                                            *ctx.inputs(c)))(chunk_ids)
     # Every lane computes as many steps as the chunk's largest client takes.
     computed = chunk * ctx.local.num_steps(ctx.num_examples(chunk_ids)).max() * ctx.batch_size
@@ -101,7 +109,7 @@ def _step_piece(ctx: RoundContext, width: int, lanes: Lanes, start) -> Lanes:
   piece = jax.tree.map(
       lambda x: ctx.by_client(jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)), lanes)
   stepped = jax.vmap(jax.vmap(
-      lambda client_state, c: ctx.local.step(client_state, ctx.trainable, ctx.frozen,
+      lambda client_state, c: ctx.local.step(client_state, client_start(ctx, c), ctx.frozen,
                                              ctx.dataset, *ctx.inputs(c))))(
       piece.local, piece.client)
   # On a device with fewer clients in training than the piece is wide, the lanes past
@@ -122,17 +130,22 @@ def _turnover(ctx: RoundContext, carry):
   # Finished clients first, by id: they are summed in the same order whichever devices
   # their lanes are on, so the model is the same bit for bit on any number.
   done = jax.tree.map(lambda x: x[jnp.lexsort((lanes.client, ~lanes.finished))], lanes)
-  totals = ctx.add(totals, done.client,
-                   jax.vmap(ctx.local.finalize, in_axes=(0, None))(done.local, ctx.trainable),
-                   done.finished)
+  if ctx.start is None:
+    outputs = jax.vmap(ctx.local.finalize, in_axes=(0, None))(done.local, ctx.trainable)
+  else:
+    outputs = jax.vmap(lambda s, c: ctx.local.finalize(s, ctx.start(c)))(done.local,
+                                                                         done.client)
+  totals = ctx.add(totals, done.client, outputs, done.finished)
   free = ~lanes.training
   position = next_in_queue + jnp.cumsum(free) - 1
   takes = free & (position < ctx.num_reporting)
   client = jnp.where(takes, ctx.queue[jnp.minimum(position, ctx.queue.shape[0] - 1)],
                      jnp.where(free, -1, lanes.client))
+  fresh = (ctx.local.init(ctx.trainable) if ctx.start is None else
+           jax.vmap(lambda c: ctx.local.init(ctx.start(c)))(client))
   lanes = Lanes(client, ctx.local.num_steps(ctx.num_examples(client)),
                 jax.tree.map(lambda fresh, x: jnp.where(by_lane(takes, x), fresh, x),
-                             ctx.local.init(ctx.trainable), lanes.local))
+                             fresh, lanes.local))
   # Rank r in training order goes to device r % devices, slot r // devices: every
   # device's clients in training come first, and the devices share them evenly.
   training_first = jnp.argsort(~lanes.training, stable=True)

@@ -65,6 +65,9 @@ class RoundMetrics(NamedTuple):
   # (0 in metrics built by hand.)
   examples_trained: jax.Array = 0
   examples_computed: jax.Array = 0
+  # The federated algorithm's own scalars (`Algorithm.finish_round`), e.g. the LoRA rules'
+  # {'lora_aggregation_error': ...}; empty for the others.
+  algorithm: dict = {}
 
 
 class RoundKeys(NamedTuple):
