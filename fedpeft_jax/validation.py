@@ -14,6 +14,7 @@ from fedpeft_jax import configs, errors, peft
 from fedpeft_jax.data import partition, sources
 from fedpeft_jax.experiment import extra_callbacks
 from fedpeft_jax.federated import algorithms
+from fedpeft_jax.federated import lora_rules
 from fedpeft_jax.federated.aggregators.dp_fedavg import clipped_count_stddev
 from fedpeft_jax.federated import sampling
 from fedpeft_jax.federated import schedules
@@ -147,12 +148,52 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
     raise ConfigError(f'peft.{problem[0]}', config.peft[problem[0]], problem[1])
   _check(not config.peft.lora_freeze_a or 'lora' in parts, 'peft.lora_freeze_a',
          config.peft.lora_freeze_a, "freezes LoRA's A matrices: it needs 'lora' in peft.method")
+  _validate_lora_rule(config, parts)
 
   _validate_data(config, needs_data)
   _validate_federation(config)
   _validate_model_parallel(config, needs_weights)
   _validate_privacy(config)
   _positive(config, 'checkpoint.every', 'checkpoint.keep', 'eval.batch_size')
+
+
+def _validate_lora_rule(config, parts) -> None:
+  """peft.lora_aggregation (a registered rule; lora_freeze_a is 'ffa') and
+  peft.lora_client_ranks, and what they need of the rest: LoRA in peft.method, FedAvg's
+  round (fedavg, fedprox) unless the rule's server step is FedAvg's own, the plain server
+  step for the rules that set factors, and a server step that is a noised sum under
+  client DP."""
+  p, fl = config.peft, config.fl
+  _one_of(config, 'peft.lora_aggregation', lora_rules.LORA_RULES.names())
+  _check(not p.lora_freeze_a or p.lora_aggregation in ('fedit', 'ffa'), 'peft.lora_freeze_a',
+         p.lora_freeze_a, "is FFA-LoRA, peft.lora_aggregation='ffa' (its older name): it "
+         f'does not go with peft.lora_aggregation={p.lora_aggregation!r}')
+  _check(isinstance(p.lora_client_ranks, str), 'peft.lora_client_ranks', p.lora_client_ranks,
+         "must be a string: '' (every client at peft.lora_rank), a comma list such as "
+         f"'2,4,8' or one of {', '.join(lora_rules.RANK_DISTRIBUTIONS)}")
+  name = 'ffa' if p.lora_freeze_a else p.lora_aggregation
+  hetero = bool(p.lora_client_ranks.strip())
+  if name == 'fedit' and not hetero:
+    return
+  key, value = (('peft.lora_client_ranks', p.lora_client_ranks) if name == 'fedit' else
+                ('peft.lora_aggregation', name))
+  _check('lora' in parts, key, value, "needs 'lora' in peft.method")
+  with config_keys(config, ranks='peft.lora_client_ranks'):
+    lora_rules.client_ranks(p.lora_client_ranks, p.lora_rank, 1, 0)
+  spec = lora_rules.LORA_RULES.get(name)
+  _check(fl.algorithm in lora_rules.BASE_ALGORITHMS or (spec.any_algorithm and not hetero),
+         'fl.algorithm', fl.algorithm,
+         f'{key}={value!r} runs on FedAvg\'s round: use fl.algorithm \'fedavg\' (or '
+         '\'fedprox\', which adds its proximal term)')
+  if spec.plain_server_step:
+    _check(fl.server_optimizer == 'sgd' and fl.server_lr in (None, 1.0),
+           'fl.server_optimizer', fl.server_optimizer,
+           f'peft.lora_aggregation={name!r} sets the global factors by the plain FedAvg step: '
+           "use fl.server_optimizer='sgd' with fl.server_lr unset (1.0)")
+  if config.dp.mode == 'client' and spec.client_dp:
+    raise ConfigError('peft.lora_aggregation', name,
+                      f"is refused under dp.mode='client': {spec.client_dp}; fedit, ffa and "
+                      'fedsb aggregate a noised sum')
 
 
 def _validate_data(config, needs_data: bool):

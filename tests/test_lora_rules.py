@@ -8,6 +8,7 @@ aggregation error (0 for the exact rules, positive for FedIT).
 Notation as in `lora_rules/base.py`: a map's update is s·A @ (R @) B (x @ W layout).
 """
 import functools
+import json
 from typing import NamedTuple
 
 import jax
@@ -19,6 +20,9 @@ from flax import traverse_util
 
 from fedpeft_jax import peft
 from fedpeft_jax import resume
+from fedpeft_jax import validation
+from fedpeft_jax.experiment import callbacks
+from fedpeft_jax.experiment import train
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import lora_rules
 from fedpeft_jax.federated import round as round_lib
@@ -53,7 +57,7 @@ def loss_fn(trainable, frozen, batch, rng):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch['y'])
 
 
-def _problem(rule):
+def _problem(rule, rank=RANK):
   rng = np.random.default_rng(0)
   n = sum(SIZES)
   dataset = {'x': jnp.asarray(rng.normal(size=(n, DIM)), jnp.float32),
@@ -69,11 +73,11 @@ def _problem(rule):
     return jnp.asarray(q.T.reshape(shape), jnp.float32)
 
   params = {'layer': {'query': {'kernel': normal(DIM, 4) * 0.3},
-                      'lora_query_a': normal(DIM, RANK) * 0.5,
-                      'lora_query_b': b_matrix((RANK, 4))},
+                      'lora_query_a': normal(DIM, rank) * 0.5,
+                      'lora_query_b': b_matrix((rank, 4))},
             'block': {'value': {'kernel': normal(DIM, 2, 2) * 0.3},
-                      'lora_value_a': normal(DIM, RANK) * 0.5,
-                      'lora_value_b': b_matrix((RANK, 2, 2))},
+                      'lora_value_a': normal(DIM, rank) * 0.5,
+                      'lora_value_b': b_matrix((rank, 2, 2))},
             'head': {'kernel': normal(4, CLASSES) * 0.1, 'bias': jnp.zeros(CLASSES)}}
   if rule == 'fedsb':
     params['layer']['lora_query_r'] = jnp.zeros((RANK, RANK))
@@ -278,8 +282,7 @@ def _served_weights(run, state):
           for site in SITES}
 
 
-def _library_start(run, state, client):
-  algorithm = run.algorithm
+def _library_start(algorithm, state, client):
   if algorithm.start is None:
     return _flat(state.trainable)
   shared = algorithm.round_input(state.algorithm_state)
@@ -306,7 +309,7 @@ def test_every_rule_is_its_papers_aggregation_written_out(rule):
     for site, weight in _served_weights(run, state).items():
       np.testing.assert_allclose(weight, served[site], rtol=1e-4, atol=2e-6, err_msg=site)
     for c in range(len(SIZES)):  # Every client's start in the next round.
-      expected, got = ref.start(c), _library_start(run, state, c)
+      expected, got = ref.start(c), _library_start(run.algorithm, state, c)
       for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=2e-6,
                                    err_msg=f'client {c} {key}')
@@ -316,3 +319,158 @@ def test_every_rule_is_its_papers_aggregation_written_out(rule):
       assert error < 1e-5, error
     else:
       assert error > 1e-3, error
+
+
+@pytest.mark.parametrize('rule', ['fedex', 'flora', 'flexlora', 'fedsa'])
+def test_a_rule_with_server_state_resumes_bit_identical(rule, tmp_path):
+  """Checkpointed after round 1 and restored into a fresh state, round 2 is the
+  uninterrupted run's bit for bit: the model and the rule's state (merged updates, W_g,
+  every client's B)."""
+  run = _run(rule)
+  assert jax.tree.leaves(run.states[1].algorithm_state)
+  checkpointer = resume.RunCheckpointer(str(tmp_path), keep=1)
+  checkpointer.save(run.states[1], {}, tiny_config('lora'))
+  restored = checkpointer.restore_state(1, run.states[0])
+  state, _ = run.apply(restored, run.frozen, run.dataset, run.table)
+  expected = run.states[2]
+  jax.tree.map(np.testing.assert_array_equal, (state.trainable, state.algorithm_state),
+               (expected.trainable, expected.algorithm_state))
+
+
+def test_the_packed_schedule_starts_clients_where_the_padded_one_does():
+  """Per-client starts (HetLoRA's mixed ranks; FedSA-LoRA's own B takes the same path) in
+  packed lanes that change clients mid-round: the same two rounds as the padded chunks."""
+  packed, padded = _run('hetlora', 'packed'), _run('hetlora')
+  for a, b in zip(packed.states[1:], padded.states[1:]):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 (a.trainable, a.algorithm_state), (b.trainable, b.algorithm_state))
+
+
+def test_clients_of_ranks_2_4_8_16_share_one_compiled_round_and_send_their_ranks_bytes():
+  ranks = lora_rules.client_ranks('2,4,8,16', 16, len(SIZES), seed=1)
+  assert set(ranks.tolist()) == {2, 4, 8, 16}, ranks
+  dataset, parts, trainable, frozen = _problem('fedit', rank=16)
+  table = types.ClientTable.from_partition(parts)
+  lay = base.layout(trainable, frozen, SCALE, ranks)
+  spec = lora_rules.LORA_RULES.get('fedit')
+  algorithm = base.algorithm(lay, spec.rule)
+  fl_round = round_lib.make_round(
+      loss_fn, OPTIMIZER, client_lib.LocalSpec(max_examples=table.max_examples, **LOCAL),
+      round_lib.Cohort(4, len(parts), dropout_prob=0.25), algorithm=algorithm,
+      execution=round_lib.Execution('padded', 3))
+  apply = jax.jit(fl_round.apply)
+  state = fl_round.init(trainable, jax.random.key(0))
+  head = 4 * CLASSES + CLASSES
+  traffic = callbacks.Traffic(peft.count(trainable), 1, lora_rules.client_bytes(
+      spec, lay, peft.count(trainable) - 16 * 2 * (DIM + 4), len(parts)))
+  for round_index in (1, 2, 3):
+    state, m = apply(state, frozen, dataset, table)
+    clients = np.asarray(m.clients)
+    record = traffic.on_round_end(round_index, state, m, {})
+    # A client of rank r sends and receives r (in + out) per map (two maps of 6 x 4) and
+    # the head, as float32.
+    own = lambda c: 4 * (head + ranks[c] * 2 * (DIM + 4))
+    assert record['bytes_down'] == sum(own(c) for c in clients[clients >= 0])
+    assert record['bytes_up'] == sum(own(c) for c in clients[np.asarray(m.reported)])
+    for c in range(len(parts)):  # Each client trains its first r columns of A, rows of B.
+      start = _library_start(algorithm, state, c)
+      for site in SITES:
+        assert not start[_a(site)][:, ranks[c]:].any() and not start[_b(site)][ranks[c]:].any()
+        assert start[_b(site)][:ranks[c]].any()
+  assert apply._cache_size() == 1
+
+
+def test_ranks_are_drawn_once_per_run_from_the_seed_and_refused_one_line_when_bad():
+  a = lora_rules.client_ranks('uniform', 16, 400, seed=3)
+  np.testing.assert_array_equal(a, lora_rules.client_ranks('uniform', 16, 400, seed=3))
+  assert set(a.tolist()) == {1, 2, 4, 8, 16}
+  heavy = lora_rules.client_ranks('heavy_tail', 16, 400, seed=3)
+  normal = lora_rules.client_ranks('normal', 16, 400, seed=3)
+  assert np.mean(heavy == 1) > np.mean(heavy == 16) * 2  # Mostly small, a tail of large.
+  assert np.mean(normal == 4) > np.mean(normal == 16) * 2  # Mostly in the middle.
+  assert lora_rules.client_ranks('', 16, 4, seed=0) is None
+  for bad in ('3,x', '0,4', '32', 'zipf'):
+    with pytest.raises(Exception, match='comma list of ranks in 1..16'):
+      lora_rules.client_ranks(bad, 16, 4, seed=0)
+
+
+@pytest.mark.parametrize('changes, key, message', [
+    ({'peft.lora_aggregation': 'fedx'}, 'peft.lora_aggregation', 'must be one of fedex'),
+    ({'peft.lora_aggregation': 'fedex', 'fl.algorithm': 'scaffold'}, 'fl.algorithm',
+     "runs on FedAvg's round"),
+    ({'peft.lora_client_ranks': '2,4', 'fl.algorithm': 'fednova'}, 'fl.algorithm',
+     "runs on FedAvg's round"),
+    ({'peft.lora_aggregation': 'flora', 'fl.server_optimizer': 'adam'},
+     'fl.server_optimizer', 'plain FedAvg step'),
+    ({'peft.lora_aggregation': 'flexlora', 'dp.mode': 'client', 'dp.sampling': 'fixed'},
+     'peft.lora_aggregation', "refused under dp.mode='client'"),
+    ({'peft.lora_aggregation': 'fedex', 'peft.lora_freeze_a': True}, 'peft.lora_freeze_a',
+     'FFA-LoRA'),
+    ({'peft.lora_client_ranks': '2,64'}, 'peft.lora_client_ranks', 'ranks in 1..8'),
+    ({'peft.method': 'bias', 'peft.lora_aggregation': 'fedsa'}, 'peft.lora_aggregation',
+     "needs 'lora' in peft.method"),
+])
+def test_what_a_rule_cannot_run_with_is_refused_in_one_line_naming_the_key(changes, key,
+                                                                            message):
+  config = tiny_config('lora')
+  for name, value in changes.items():
+    section, option = name.split('.')
+    setattr(config[section], option, value)
+  with pytest.raises(validation.ConfigError, match=message) as raised:
+    validation.validate(config)
+  assert str(raised.value).startswith(f'--config.{key}=') and '\n' not in str(raised.value)
+
+
+def test_the_allowed_combinations_validate():
+  for changes in ({'peft.lora_aggregation': 'ffa', 'fl.algorithm': 'scaffold'},
+                  {'peft.lora_aggregation': 'fedsb', 'dp.mode': 'client',
+                   'dp.sampling': 'fixed'},
+                  {'peft.lora_aggregation': 'fedit', 'fl.server_optimizer': 'adam'},
+                  {'peft.lora_aggregation': 'hetlora', 'peft.lora_client_ranks': 'normal',
+                   'fl.algorithm': 'fedprox', 'fl.prox_mu': 0.01}):
+    config = tiny_config('lora')
+    for name, value in changes.items():
+      section, option = name.split('.')
+      setattr(config[section], option, value)
+    validation.validate(config)
+
+
+def test_a_run_of_mixed_ranks_records_them_its_traffic_and_its_aggregation_error(tmp_path):
+  """In-process run of the tiny ViT with FlexLoRA and ranks drawn from 2/4/8/16:
+  partition.json has every client's rank, metrics.jsonl each round's aggregation error (0:
+  the served model is the clients' average) and each client's own rank's bytes, counted
+  here from the exported tree's shapes."""
+  config = tiny_config('lora')
+  config.peft.lora_aggregation, config.peft.lora_client_ranks = 'flexlora', '2,4,8,16'
+  config.peft.lora_rank, config.fl.rounds = 16, 2
+  validation.validate(config)
+  history = train.train(config, str(tmp_path))
+  ranks = json.loads((tmp_path / 'partition.json').read_text())['lora_client_ranks']
+  np.testing.assert_array_equal(ranks, lora_rules.client_ranks(
+      '2,4,8,16', 16, config.fl.num_clients, config.seed))
+  with np.load(tmp_path / 'trainable.npz') as exported:
+    shapes = {k: exported[k].shape for k in exported.files}
+  per_rank = sum(s[0] if k.endswith('_a') else int(np.prod(s[1:]))
+                 for k, s in shapes.items() if k.rsplit('/', 1)[-1].startswith('lora_'))
+  other = sum(int(np.prod(s)) for s in shapes.values()) - 16 * per_rank
+  for record in history[1:]:
+    expected = sum(4 * (other + ranks[c] * per_rank) for c in record['clients'])
+    assert record['bytes_up'] == record['bytes_down'] == expected
+    assert 0 <= record['lora_aggregation_error'] < 1e-5
+    assert 'test_accuracy' in record
+
+
+def test_under_dp_the_aggregation_error_is_a_diagnostic_and_evaluation_sees_the_served_model():
+  """The error is computed from the clients' products without noise: outside what epsilon
+  covers. Evaluation scores the model the rule serves (a merging rule's backbone)."""
+  record = {'round': 1, 'train_loss': 0.5, 'lora_aggregation_error': 0.1, 'epsilon': 1.0,
+            'round_s': 1.0}
+  moved = callbacks.SeparateDiagnostics().on_round_end(1, None, None, record)
+  assert 'lora_aggregation_error' not in moved
+  assert moved['diagnostics']['lora_aggregation_error'] == 0.1
+  seen = []
+  evaluation = callbacks.Evaluation(lambda t, f=None: seen.append((t, f)) or {}, 1, 1,
+                                    served=lambda state: ('served', 'merged'))
+  evaluation.on_round_zero(None, {})
+  evaluation.on_round_end(1, None, None, {})
+  assert seen == [('served', 'merged')] * 2

@@ -26,6 +26,7 @@ from fedpeft_jax.federated import aggregators
 from fedpeft_jax.federated import algorithms
 from fedpeft_jax.federated import chunking
 from fedpeft_jax.federated import client as client_lib
+from fedpeft_jax.federated import lora_rules
 from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated import types as fl_types
@@ -293,18 +294,51 @@ def build_aggregator(config, privacy: accounting.PrivacySpec | None) -> aggregat
     return spec.make(**spec.arguments(config, privacy))
 
 
-def build_federated_algorithm(config) -> algorithms.Algorithm:
-  """`fl.algorithm` from the registry, with FedProx's proximal term when fl.prox_mu > 0."""
-  with validation.config_keys(config, name='fl.algorithm'):
-    spec = algorithms.ALGORITHMS.get(config.fl.algorithm)
+def lora_rule(config) -> str:
+  """The LoRA aggregation rule a config asks for: `peft.lora_aggregation`, 'ffa' under
+  its older name `peft.lora_freeze_a`."""
+  return 'ffa' if config.peft.lora_freeze_a else config.peft.lora_aggregation
+
+
+def lora_layout(config, trainable, frozen) -> lora_rules.Layout | None:
+  """The LoRA `Layout` the rule aggregates on (scale alpha / rank, each client's rank from
+  `peft.lora_client_ranks`), when `peft.method` has LoRA and `fl.algorithm` is one a rule
+  is built on (`lora_rules.BASE_ALGORITHMS`); None otherwise (FedAvg's hooks as they are)."""
+  p = config.peft
+  if ('lora' not in peft.parse_method(p.method) or
+      config.fl.algorithm not in lora_rules.BASE_ALGORITHMS):
+    return None
+  with validation.config_keys(config, ranks='peft.lora_client_ranks'):
+    ranks = lora_rules.client_ranks(p.lora_client_ranks, p.lora_rank, config.fl.num_clients,
+                                    config.seed)
+  return lora_rules.layout(trainable, frozen, p.lora_alpha / p.lora_rank, ranks)
+
+
+def build_federated_algorithm(config, lora: lora_rules.Layout | None = None
+                              ) -> algorithms.Algorithm:
+  """`fl.algorithm` from the registry, or, given the run's LoRA `lora` layout, the rule
+  `peft.lora_aggregation` on FedAvg's round; with FedProx's proximal term when fl.prox_mu
+  > 0."""
+  if lora is not None:
+    name = lora_rule(config)
+    with validation.config_keys(config, rule='peft.lora_aggregation'):
+      spec = lora_rules.LORA_RULES.get(name)
+      lora_rules.check_layout(name, spec, lora)
+    algorithm = lora_rules.algorithm(lora, spec.rule)
+  else:
+    with validation.config_keys(config, name='fl.algorithm'):
+      spec = algorithms.ALGORITHMS.get(config.fl.algorithm)
+    algorithm = spec.make(**spec.arguments(config))
   with validation.config_keys(config, prox_mu='fl.prox_mu'):
-    return fedprox.with_proximal_term(spec.make(**spec.arguments(config)), config.fl.prox_mu)
+    return fedprox.with_proximal_term(algorithm, config.fl.prox_mu)
 
 
 def build_algorithm(config, loss_fn, max_examples: int, privacy: accounting.PrivacySpec | None,
-                    client_chunk: int | None = None) -> round_lib.FederatedRound:
+                    client_chunk: int | None = None, lora: lora_rules.Layout | None = None
+                    ) -> round_lib.FederatedRound:
   """The run's federated round on the task's `loss_fn`: local training, cohort,
-  algorithm, aggregator and server optimizer, each from its config keys."""
+  algorithm, aggregator and server optimizer, each from its config keys; `lora`: the
+  run's LoRA layout (`lora_layout`), for its aggregation rule."""
   fl, o, dp = config.fl, config.optim, config.dp
   sample_dp = (client_lib.SampleDP(dp.clip_norm, privacy.noise_multiplier)
                if dp.mode == 'sample' else None)
@@ -315,7 +349,7 @@ def build_algorithm(config, loss_fn, max_examples: int, privacy: accounting.Priv
         client_lib.LocalSpec(fl.local_epochs, fl.batch_size, max_examples, sample_dp),
         round_lib.Cohort(fl.clients_per_round, fl.num_clients,
                          dp.sampling if dp.mode == 'client' else 'fixed', fl.dropout_prob),
-        algorithm=build_federated_algorithm(config),
+        algorithm=build_federated_algorithm(config, lora),
         aggregator=build_aggregator(config, privacy),
         server_optimizer=server_optimizer(config),
         execution=round_lib.Execution(fl.schedule, client_chunk or fl.client_chunk or None,
@@ -372,6 +406,13 @@ class Experiment:
   evaluate: Callable[[PyTree], dict]
   partition: dict  # What partition.json records (`describe_partition`).
   loss_fn: Callable = None  # The task's per-example loss the round trains on.
+  # state -> (trainable, frozen) of the global model as evaluated, when the algorithm
+  # changes the frozen weights (`FederatedRound.serve`; a LoRA rule that merges); None:
+  # (state.trainable, the frozen tree as built).
+  served: Callable | None = None
+  # (client ids, round) -> (bytes down, bytes up) per client, when they differ by client
+  # (a LoRA rule: each client's rank); None: the trainable tree each way.
+  client_bytes: Callable | None = None
 
   def compile_round(self, state: fl_types.ServerState):
     """The round as one compiled function of the server state, compiled now, not in round 1."""
@@ -423,8 +464,9 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
     frozen = jax.tree.map(lambda x: x.astype(config.model.frozen_dtype), frozen)
   the_task = task(config)
   data = the_task.client_data(config, model, frozen, train_set)
+  lora = lora_layout(config, trainable, frozen)
   build_for = lambda chunk: build_algorithm(config, data.loss_fn, table.max_examples, privacy,
-                                            chunk)
+                                            chunk, lora)
   algorithm = build_for(None)
   # Everything on every device of the mesh (all hosts'), so the compiled round and
   # evaluation see the same placement in every round and on every host.
@@ -437,5 +479,34 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   if chunk:
     algorithm = build_for(chunk)
   evaluate = the_task.make_evaluate(config, model, frozen, test_set, place, state.trainable)
+  served, client_bytes = None, None
+  if lora is not None:
+    partition, served, client_bytes = _lora_parts(config, lora, algorithm, state, frozen,
+                                                  partition, num_trainable)
   return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
-                    num_trainable, privacy, evaluate, partition, data.loss_fn)
+                    num_trainable, privacy, evaluate, partition, data.loss_fn, served,
+                    client_bytes)
+
+
+def _lora_parts(config, lora: lora_rules.Layout, algorithm, state, frozen, partition,
+                num_trainable: int):
+  """A LoRA rule's run: partition.json with each client's rank, the served model (jitted,
+  placed as the round's trees, so evaluation's compiled function takes it) and each
+  client's traffic; says what the rule keeps on the server."""
+  name = lora_rule(config)
+  if lora.ranks is not None:
+    partition = {**partition, 'lora_client_ranks': lora.ranks.tolist()}
+  kept = sum(x.nbytes for x in jax.tree.leaves(state.algorithm_state))
+  ranks = ('' if lora.ranks is None else
+           f', client ranks {sorted(set(lora.ranks.tolist()))} (peft.lora_client_ranks)')
+  console.say(f'peft.lora_aggregation={name}: {len(lora.sites)} adapted maps{ranks}'
+              + (f'; the server keeps {kept / 2**20:,.1f} MiB' if kept else ''))
+  served = None
+  if algorithm.serve is not None:
+    shardings = jax.tree.map(lambda x: x.sharding, (state.trainable, frozen))
+    serve = jax.jit(algorithm.serve, out_shardings=shardings)
+    served = lambda s: serve(s, frozen)
+  other = num_trainable - lora_rules.base.factor_floats(lora, lora.rank)
+  client_bytes = lora_rules.client_bytes(lora_rules.LORA_RULES.get(name), lora, other,
+                                         config.fl.num_clients)
+  return partition, served, client_bytes

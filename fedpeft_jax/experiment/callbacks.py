@@ -55,18 +55,26 @@ class Traffic(loop.Stateful):
 
   `trees_per_transfer`: trainable-sized trees in each direction; SCAFFOLD sends 2
   (the model and the server's control variate down, the update and the change of
-  the client's variate up).
+  the client's variate up). `client_bytes(ids, round) -> (down, up)`: each client's own
+  bytes instead, where they differ by client (a LoRA rule: each client's rank, and what
+  the rule sends, `build.Experiment.client_bytes`).
   """
   name = 'traffic'
 
-  def __init__(self, num_trainable: int, trees_per_transfer: int = 1):
+  def __init__(self, num_trainable: int, trees_per_transfer: int = 1,
+               client_bytes: Callable | None = None):
     self.bytes_per_transfer = BYTES_PER_PARAM * num_trainable * trees_per_transfer
+    self.client_bytes = client_bytes
     self.bytes_cumulative = 0
 
   def on_round_end(self, round_index, state, metrics, record):
     down = self.bytes_per_transfer * int(metrics.num_sampled)
     # Every client that did not drop out sends its update, finite or not.
     up = self.bytes_per_transfer * int(np.sum(metrics.reported))
+    if self.client_bytes is not None:
+      clients, reported = np.asarray(metrics.clients), np.asarray(metrics.reported)
+      down = int(self.client_bytes(clients[clients >= 0], round_index)[0].sum())
+      up = int(self.client_bytes(clients[reported & (clients >= 0)], round_index)[1].sum())
     self.bytes_cumulative += up + down
     return {'bytes_up': up, 'bytes_down': down, 'bytes_cumulative': self.bytes_cumulative}
 
@@ -94,7 +102,10 @@ class RoundSummary(loop.Callback):
         'clients_reported': int(metrics.num_reported),
         'clients_nonfinite': int(metrics.num_nonfinite),
         'trainable_params': self.num_trainable,
-        'trainable_sha256': tree_sha256(state.trainable)}
+        'trainable_sha256': tree_sha256(state.trainable),
+        # The algorithm's own scalars (a LoRA rule's lora_aggregation_error); NaN: null.
+        **{key: float(value) if np.isfinite(value) else None
+           for key, value in getattr(metrics, 'algorithm', {}).items()}}
 
   def on_round_zero(self, state, record):
     return {'trainable_params': self.num_trainable,
@@ -126,15 +137,22 @@ class Evaluation(loop.Callback):
   """The task's test metrics (e.g. `test_accuracy`) every `every` rounds and after the last,
   and of the initial model in a fresh run's round 0."""
 
-  def __init__(self, evaluate: Callable[[Any], dict], every: int, rounds: int):
+  def __init__(self, evaluate: Callable[..., dict], every: int, rounds: int,
+               served: Callable | None = None):
     self.evaluate, self.every, self.rounds = evaluate, every, rounds
+    self.served = served  # state -> (trainable, frozen): build.Experiment.served.
+
+  def _metrics(self, state) -> dict:
+    if self.served is None:
+      return dict(self.evaluate(state.trainable))
+    return dict(self.evaluate(*self.served(state)))
 
   def on_round_zero(self, state, record):
-    return dict(self.evaluate(state.trainable))
+    return self._metrics(state)
 
   def on_round_end(self, round_index, state, metrics, record):
     if is_due(round_index, self.every, self.rounds):
-      return dict(self.evaluate(state.trainable))
+      return self._metrics(state)
     return None
 
 
@@ -203,6 +221,9 @@ def restore_ledger(config, saved: Mapping[str, Any] | None,
 
 # Computed from the clients' data without noise: outside what epsilon covers.
 DIAGNOSTICS = ('train_loss', 'clients_reported', 'clients_nonfinite', 'clipped_fraction')
+# The same, from a federated algorithm's own scalars (a LoRA rule's, from the clients'
+# products): moved there too, after the above, when a round has them.
+ALGORITHM_DIAGNOSTICS = ('lora_aggregation_error',)
 
 
 class SeparateDiagnostics(loop.Callback):
@@ -215,10 +236,10 @@ class SeparateDiagnostics(loop.Callback):
   phase = 'filter'
 
   def on_round_end(self, round_index, state, metrics, record):
-    kept = {k: v for k, v in record.items() if k != 'clients' and k not in DIAGNOSTICS}
+    moved = DIAGNOSTICS + ALGORITHM_DIAGNOSTICS
+    kept = {k: v for k, v in record.items() if k != 'clients' and k not in moved}
     timing = {k: kept.pop(k) for k in RoundClock.KEYS if k in kept}
-    return {**kept, 'diagnostics': {k: record[k] for k in DIAGNOSTICS if k in record},
-            **timing}
+    return {**kept, 'diagnostics': {k: record[k] for k in moved if k in record}, **timing}
 
 
 class RoundClock(loop.Stateful):
@@ -309,6 +330,7 @@ TENSORBOARD_TAGS = {
     'clients_reported': ('clients/reported', 1),
     'epsilon': ('privacy/epsilon', 1),
     'clipped_fraction': ('privacy/clipped_fraction', 1),
+    'lora_aggregation_error': ('lora/aggregation_error', 1),
     'round_s': ('time/seconds_per_round', 1),
 }
 
@@ -462,11 +484,13 @@ def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpoin
   """
   fl, rounds = config.fl, config.fl.rounds
   callbacks = [
-      Traffic(experiment.num_trainable, ALGORITHMS.get(fl.algorithm).trees_per_transfer),
+      Traffic(experiment.num_trainable, ALGORITHMS.get(fl.algorithm).trees_per_transfer,
+              getattr(experiment, 'client_bytes', None)),
       RoundSummary(experiment.num_trainable)]
   if config.dp.mode != 'client':  # Under client DP the noised update is released anyway.
     callbacks.append(StopIfAllNonFinite(checkpointer.directory))
-  callbacks.append(Evaluation(experiment.evaluate, fl.eval_every, rounds))
+  callbacks.append(Evaluation(experiment.evaluate, fl.eval_every, rounds,
+                              getattr(experiment, 'served', None)))
   if experiment.privacy is not None:
     callbacks += [Privacy(experiment.privacy, fl.eval_every, rounds, ledger),
                   SeparateDiagnostics()]

@@ -19,12 +19,14 @@ class Task(NamedTuple):
 
   `client_data(config, model, frozen, train_set) -> ClientData`: the training split as
   the round reads it (a task may precompute from the frozen backbone, e.g. head features).
-  `make_evaluate(config, model, frozen, test_set, place, trainable) -> evaluate(trainable)
-  -> {metric: float}` compiles its evaluation now, once, for trees shaped like `trainable`
-  (`place` puts host arrays on the devices the round uses).
+  `make_evaluate(config, model, frozen, test_set, place, trainable) -> evaluate(trainable,
+  frozen=None) -> {metric: float}` compiles its evaluation now, once, for trees shaped like
+  `trainable` and `frozen` (`place` puts host arrays on the devices the round uses);
+  `evaluate`'s second argument, when given, replaces the frozen tree (same shapes and
+  placement): the backbone a federated algorithm serves (a LoRA rule's merged weights).
   `metrics`: the names `evaluate` returns, the first the headline one.
   """
   client_data: Callable[..., ClientData]
-  make_evaluate: Callable[..., Callable[[PyTree], dict]]
+  make_evaluate: Callable[..., Callable[..., dict]]
   metrics: tuple[str, ...]
   summary: str

@@ -106,7 +106,10 @@ def make_test_evaluation(config, model, frozen, test_set, place, trainable):
   with console.phase('compiling evaluation'):
     compiled = sums.lower(trainable, frozen, input_ids, loss_mask).compile()
 
-  def evaluate(trainable):
+  built = frozen
+
+  def evaluate(trainable, frozen=None):  # frozen: a served backbone (tasks.base.Task).
+    frozen = built if frozen is None else frozen
     loss, tokens, hits = (np.asarray(s, np.float64).sum()
                           for s in compiled(trainable, frozen, input_ids, loss_mask))
     mean = loss / max(tokens, 1.0)

@@ -85,14 +85,19 @@ def make_evaluate(model, image_size: int, batch_size: int):
 
 
 def make_test_evaluation(config, model, frozen, test_set, place, trainable):
-  """`evaluate(trainable) -> {'test_accuracy': top-1 accuracy}`, compiled now for trees
-  shaped like `trainable`."""
+  """`evaluate(trainable, frozen=None) -> {'test_accuracy': top-1 accuracy}`, compiled now
+  for trees shaped (and placed) like `trainable` and `frozen`; `frozen` None: the one
+  given here."""
   evaluate_fn, pad = make_evaluate(model, config.model.image_size, config.eval.batch_size)
   images, labels = place(pad(test_set))
   with console.phase('compiling evaluation'):
     compiled = evaluate_fn.lower(trainable, frozen, images, labels).compile()
-  return lambda trainable: {'test_accuracy': float(compiled(trainable, frozen, images,
-                                                            labels))}
+  built = frozen
+
+  def evaluate(trainable, frozen=None):
+    frozen = built if frozen is None else frozen
+    return {'test_accuracy': float(compiled(trainable, frozen, images, labels))}
+  return evaluate
 
 
 TASKS.register('image_classification', Task(

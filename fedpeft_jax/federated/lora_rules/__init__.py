@@ -10,7 +10,9 @@ clients' products summed streamingly, rank masks for clients of different ranks
 (`client_ranks`), and the aggregation error every rule reports each round.
 """
 from fedpeft_jax import registry
-from fedpeft_jax.federated.lora_rules.base import Layout, LoraRuleSpec, layout
+from fedpeft_jax.federated.lora_rules.base import (BASE_ALGORITHMS, ERROR_KEY, Layout,
+                                                  LoraRuleSpec, algorithm, check_layout,
+                                                  client_bytes, layout)
 from fedpeft_jax.federated.lora_rules.ranks import RANK_DISTRIBUTIONS, client_ranks
 
 LORA_RULES: registry.Registry[LoraRuleSpec] = registry.Registry('LoRA aggregation rule',
@@ -18,5 +20,6 @@ LORA_RULES: registry.Registry[LoraRuleSpec] = registry.Registry('LoRA aggregatio
 
 registry.import_all(__name__, __path__)
 
-__all__ = ['LORA_RULES', 'Layout', 'LoraRuleSpec', 'RANK_DISTRIBUTIONS', 'client_ranks',
+__all__ = ['BASE_ALGORITHMS', 'ERROR_KEY', 'LORA_RULES', 'Layout', 'LoraRuleSpec',
+           'RANK_DISTRIBUTIONS', 'algorithm', 'check_layout', 'client_bytes', 'client_ranks',
            'layout']

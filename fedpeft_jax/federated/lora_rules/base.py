@@ -305,7 +305,10 @@ class LoraRuleSpec(NamedTuple):
   client_dp: None if it runs under dp.mode='client' (its server step needs only the
   noised sum), else why not (one line, said when refused). plain_server_step: its exactness
   or its factors need the plain FedAvg step (fl.server_optimizer=sgd at lr 1). folds: it
-  changes the frozen kernels (they must be frozen). traffic(layout, rank, round) ->
+  changes the frozen kernels (they must be frozen). any_algorithm: its server step is
+  FedAvg's own (what it changes is what LoRA trains), so under another fl.algorithm
+  (SCAFFOLD, FedNova) that algorithm runs as it is, without the aggregation error; the
+  others need FedAvg's round (`BASE_ALGORITHMS`). traffic(layout, rank, round) ->
   (floats down, floats up) of LoRA a client of `rank` exchanges in round `round` (1-based),
   besides the other trainable parameters.
   """
@@ -315,7 +318,37 @@ class LoraRuleSpec(NamedTuple):
   client_dp: Optional[str] = None
   plain_server_step: bool = False
   folds: bool = False
+  any_algorithm: bool = False
   traffic: Callable[[Layout, int, int], tuple[int, int]] = factors_both_ways
+
+
+# The fl.algorithm values a rule's round is built on: FedAvg, and FedAvg with FedProx's
+# proximal term (a gradient hook that composes with the rules').
+BASE_ALGORITHMS = ('fedavg', 'fedprox')
+
+
+def client_bytes(spec: LoraRuleSpec, lay: Layout, other_floats: int, num_clients: int,
+                 bytes_per_float: int = 4) -> Callable:
+  """`bytes(ids, round) -> (down, up)`, int64 [len(ids)] each: what each client of `ids`
+  (int array) exchanges in round `round` (1-based) under `spec`: its rank's LoRA
+  (`LoraRuleSpec.traffic`) and the `other_floats` other trainable numbers, each way."""
+  ranks = lay.ranks if lay.ranks is not None else np.full(num_clients, lay.rank, np.int32)
+  cache = {}
+
+  def per_rank(rank: int, round_index: int):
+    key = (rank, min(round_index, 2))  # Rules differ between round 1 and the rest only.
+    if key not in cache:
+      down, up = spec.traffic(lay, rank, round_index)
+      cache[key] = ((down + other_floats) * bytes_per_float,
+                    (up + other_floats) * bytes_per_float)
+    return cache[key]
+
+  def sizes(ids, round_index: int):
+    pairs = [per_rank(int(ranks[i]), round_index) for i in np.asarray(ids)]
+    return (np.asarray([d for d, _ in pairs], np.int64).reshape(-1),
+            np.asarray([u for _, u in pairs], np.int64).reshape(-1))
+
+  return sizes
 
 
 def check_layout(name: str, spec: LoraRuleSpec, lay: Layout) -> None:

@@ -17,4 +17,4 @@ def server(lay, sums, mean_delta, end):
 RULE = Rule(server=server)
 
 LORA_RULES.register('fedit', LoraRuleSpec(
-    RULE, summary='A and B averaged apart (FedAvg on the factors): the default, inexact'))
+    RULE, any_algorithm=True, summary='A and B averaged apart (FedAvg on the factors): the default, inexact'))

@@ -11,7 +11,6 @@ travels. The per-client B table is in the checkpoint (resumed bit-identical). Un
 DP the served mean of the B_i is a per-client release without noise: refused; its B needs
 the plain FedAvg step.
 """
-import jax
 import jax.numpy as jnp
 
 from fedpeft_jax.federated.lora_rules import LORA_RULES

@@ -11,6 +11,6 @@ from fedpeft_jax.federated.lora_rules import fedit
 from fedpeft_jax.federated.lora_rules.base import LoraRuleSpec
 
 LORA_RULES.register('fedsb', LoraRuleSpec(
-    fedit.RULE, exact=True,
+    fedit.RULE, exact=True, any_algorithm=True,
     summary='A and B fixed, the r x r matrix R between them trained and averaged: exact, '
             'r² numbers per map'))

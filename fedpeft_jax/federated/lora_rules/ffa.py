@@ -9,5 +9,5 @@ from fedpeft_jax.federated.lora_rules import fedit
 from fedpeft_jax.federated.lora_rules.base import LoraRuleSpec
 
 LORA_RULES.register('ffa', LoraRuleSpec(
-    fedit.RULE, exact=True,
+    fedit.RULE, exact=True, any_algorithm=True,
     summary='A frozen at its seeded initialisation, B trained and averaged: exact'))
