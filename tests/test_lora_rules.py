@@ -474,3 +474,34 @@ def test_under_dp_the_aggregation_error_is_a_diagnostic_and_evaluation_sees_the_
   evaluation.on_round_zero(None, {})
   evaluation.on_round_end(1, None, None, {})
   assert seen == [('served', 'merged')] * 2
+
+
+def test_ffa_is_lora_freeze_a_and_fedsb_trains_only_a_middle_matrix_zero_at_first():
+  """On the tiny ViT: 'ffa' freezes what lora_freeze_a does; Fed-SB's model adds R
+  (trained, zero: the pretrained function) between a fixed A and a B of orthonormal rows,
+  and any R changes the function (A @ R @ B is not degenerate)."""
+  from fedpeft_jax.experiment import build
+  config = tiny_config('lora')
+  config.peft.lora_aggregation = 'fedsb'
+  model, family = build.build_model(config), build.model_family(config)
+  inputs = family.dummy_input(config)
+  params = jax.jit(model.init)(jax.random.key(0), *inputs)['params']
+  trainable, frozen = peft.split(params, peft.labels('lora', params,
+                                                    **build.peft_options(config)))
+  lora_trained = [p for p in peft.paths(trainable) if '/lora_' in p]
+  assert lora_trained and all(p.endswith('_r') for p in lora_trained)
+  for site in base.layout(trainable, frozen, 1.0).sites:
+    b = np.asarray(base.get(frozen, site.b)).reshape(config.peft.lora_rank, -1)
+    np.testing.assert_allclose(b @ b.T, np.eye(len(b)), atol=1e-5)
+    assert not np.asarray(base.get(trainable, site.r)).any()
+  logits = lambda t: model.apply({'params': peft.merge(t, frozen)}, *inputs)
+  flat = traverse_util.flatten_dict(trainable)  # A head that reads the features (not 0):
+  flat[('head', 'kernel')] = jnp.ones_like(flat[('head', 'kernel')]).at[0].set(-1.0)
+  trainable = traverse_util.unflatten_dict(flat)
+  moved = traverse_util.unflatten_dict({  # R alone moves.
+      k: v + 0.1 if k[-1].startswith('lora_') else v for k, v in flat.items()})
+  assert not np.allclose(logits(trainable), logits(moved))
+  lora_params = jax.jit(build.build_model(tiny_config('lora')).init)(
+      jax.random.key(0), *inputs)['params']
+  assert (peft.labels('lora', lora_params, lora_aggregation='ffa') ==
+          peft.labels('lora', lora_params, lora_freeze_a=True))
