@@ -40,7 +40,9 @@ def test_the_grid_of_every_config_validates(path):
     assert config.peft.method == method and config.dp.mode == dp
     assert config.fl.num_clients == int(clients)
     assert config.fl.clients_per_round == max(1, round(int(clients) * float(participation)))
-    assert config.optim.lr == configs.LEARNING_RATES[method]
+    # A config file may tune its own rates per method (LEARNING_RATES, e.g. the decoder's).
+    rates = {**configs.LEARNING_RATES, **getattr(module, 'LEARNING_RATES', {})}
+    assert config.optim.lr == rates[method]
     assert validation.aggregation(config) == ('uniform' if dp == 'client' else 'weighted')
 
 
@@ -58,3 +60,25 @@ def test_paper_configs_have_the_paper_settings():
 def test_an_unknown_option_is_named():
   with pytest.raises(configs.errors.UserError, match="unknown option 'rounds'"):
     configs.base_config('bias,rounds=5')
+
+
+def test_the_text_main_job_takes_the_roles_with_ten_speeches_as_clients():
+  """NUM_ROLES counted independently from the shared archive's train.jsonl."""
+  import collections, json, tarfile
+  module = _load(REPO / 'experiments' / 'shakespeare_tiny_llama.py')
+  archive = module.SHARED / 'data' / 'shakespeare_roles.tar.gz'
+  if not archive.exists():
+    pytest.skip(f'{archive} is missing')
+  with tarfile.open(archive) as tar:
+    lines = tar.extractfile('shakespeare_roles/train.jsonl').read().splitlines()
+  speeches = collections.Counter(json.loads(line)['client'] for line in lines)
+  assert module.NUM_ROLES == sum(n >= module.MIN_SPEECHES for n in speeches.values())
+  c = module.get_config()
+  assert (c.peft.method, c.model.family, c.data.partition) == ('lora', 'llama', 'natural')
+  assert (c.fl.num_clients, c.fl.clients_per_round) == (module.NUM_ROLES, 16)
+  assert c.data.min_client_examples == module.MIN_SPEECHES and c.fl.eval_every == 1
+  points = module.get_sweep('methods')
+  assert sorted({p['arg'] for p in points}) == sorted(module.DECODER_METHODS)
+  assert len(points) == 3 * len(module.DECODER_METHODS)
+  with pytest.raises(configs.errors.UserError, match="sweep is 'methods'"):
+    module.get_sweep('nope')
