@@ -35,6 +35,7 @@ SIZES = (7, 13, 4, 21, 10, 2)
 HETERO = np.array([1, 2, 4, 2, 4, 1])  # Each client's rank, for the rules of mixed ranks.
 RANKS = {'hetlora': HETERO, 'flexlora': HETERO, 'flora': HETERO}
 EXACT = ('ffa', 'fedex', 'flora', 'fedsb', 'flexlora')
+REFERENCES = ('fedit', 'ffa', 'fedsb', 'fedex', 'flora', 'flexlora', 'hetlora', 'fedsa')
 SITES = (('block', 'value'), ('layer', 'query'))  # Path order: the rules' site order.
 LOCAL = dict(num_epochs=2, batch_size=4)
 OPTIMIZER = client_lib.sgd(0.5, 0.0, 0.0)
@@ -292,6 +293,10 @@ def _library_start(algorithm, state, client):
 
 @pytest.mark.parametrize('rule', lora_rules.LORA_RULES.names())
 def test_every_rule_is_its_papers_aggregation_written_out(rule):
+  """The rules' contract: a registered rule has its paper's reference in `Reference.step`
+  (a new rule adds its branch there), and is exact exactly when it declares so."""
+  assert rule in REFERENCES, f'write {rule!r}\'s reference in Reference.step'
+  assert lora_rules.LORA_RULES.get(rule).exact == (rule in EXACT)
   run = _run(rule)
   ref = Reference(rule, run)
   for r in range(2):
@@ -321,13 +326,16 @@ def test_every_rule_is_its_papers_aggregation_written_out(rule):
       assert error > 1e-3, error
 
 
-@pytest.mark.parametrize('rule', ['fedex', 'flora', 'flexlora', 'fedsa'])
+@pytest.mark.parametrize('rule', lora_rules.LORA_RULES.names())
 def test_a_rule_with_server_state_resumes_bit_identical(rule, tmp_path):
   """Checkpointed after round 1 and restored into a fresh state, round 2 is the
   uninterrupted run's bit for bit: the model and the rule's state (merged updates, W_g,
   every client's B)."""
   run = _run(rule)
-  assert jax.tree.leaves(run.states[1].algorithm_state)
+  stateful = bool(jax.tree.leaves(run.states[1].algorithm_state))
+  assert stateful == (rule in ('fedex', 'flora', 'flexlora', 'fedsa'))
+  if not stateful:
+    pytest.skip(f'{rule} keeps no server state')
   checkpointer = resume.RunCheckpointer(str(tmp_path), keep=1)
   checkpointer.save(run.states[1], {}, tiny_config('lora'))
   restored = checkpointer.restore_state(1, run.states[0])
@@ -505,3 +513,15 @@ def test_ffa_is_lora_freeze_a_and_fedsb_trains_only_a_middle_matrix_zero_at_firs
       jax.random.key(0), *inputs)['params']
   assert (peft.labels('lora', lora_params, lora_aggregation='ffa') ==
           peft.labels('lora', lora_params, lora_freeze_a=True))
+
+
+@pytest.mark.parametrize('rule', lora_rules.LORA_RULES.names())
+def test_every_rule_runs_under_client_dp_exactly_when_it_declares_so(rule):
+  config = tiny_config('lora,dp=client')
+  config.peft.lora_aggregation = rule
+  if lora_rules.LORA_RULES.get(rule).client_dp is None:
+    validation.validate(config)
+  else:
+    with pytest.raises(validation.ConfigError, match=r"^--config.peft.lora_aggregation=.*"
+                       r"refused under dp.mode='client'"):
+      validation.validate(config)
