@@ -2,9 +2,9 @@
 Foundation Models"): clients of different ranks; each starts from the global factors
 truncated to its rank (its first r columns of A, rows of B), and the server zero-pads
 their factors to the largest rank and averages them with sparsity weights: client i's
-weight on an adapted map is ‖A_i B_i‖_F / Σ_j ‖A_j B_j‖_F (the paper's Sec. 3.2; computed
-from r x r Gram matrices, ‖AB‖²_F = Σ (AᵀA) ∘ (BBᵀ)), not its example count. The other
-trainable parameters (the head) average as usual.
+weight on an adapted map is ‖A_i B_i‖_F / Σ_j ‖A_j B_j‖_F (the paper's sparsity-weighted
+aggregation; computed from r x r Gram matrices, ‖AB‖²_F = Σ (AᵀA) ∘ (BBᵀ)), not its
+example count. The other trainable parameters (the head) average as usual.
 
 Not done here: the paper's local rank self-pruning (a client drops its last ranks when
 their norm is small); every client keeps its rank for the run. Under client DP the

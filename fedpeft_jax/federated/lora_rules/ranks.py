@@ -2,7 +2,7 @@
 
 '' : every client at `lora_rank`. A comma list ('2,4,8,16'): each client draws one of
 them, uniformly. A distribution over the levels 1, 2, 4, ... up to `lora_rank` (and
-`lora_rank` itself), after FlexLoRA (Bai et al. 2024, Sec. 5: clients' resources drawn
+`lora_rank` itself), after FlexLoRA (Bai et al. 2024: clients' resources drawn
 uniform, heavy-tailed or normal): 'uniform' (every level alike), 'heavy_tail' (level k of
 K, k = 0 the lowest, with probability proportional to 1 / (k + 1): most clients small, a
 long tail of large ones), 'normal' (proportional to exp(-(k - (K - 1) / 2)^2 / 2): most
