@@ -509,3 +509,106 @@ def test_the_target_perplexity_flag_reaches_the_text_report(text_root):
   assert rows['method=lora']['target_perplexity'] == '85.0'
   assert rows['method=lora']['reached_target'] == '1'
   assert rows['method=norm']['reached_target'] == '0'
+
+
+# LoRA aggregation rules: runs that write lora_aggregation_error (rounds 1 on; null in a
+# round that aggregated nobody). (rule, client ranks, seed) -> the errors of rounds 1..4.
+AGGREGATION_ERRORS = {('fedit', '', 0): (0.30, 0.20, None, 0.10),
+                      ('fedit', '', 1): (0.25, 0.15, 0.12, 0.08),
+                      ('fedex', '', 0): (2e-7, 0.0, 1e-7, 3e-7),
+                      ('fedex', '', 1): (1e-7, 1e-7, 0.0, 2e-7),
+                      ('fedit', '2,4,8,16', 0): (0.5, 0.4, 0.35, 0.3)}
+
+
+def _rule_run(root, rule, ranks, seed):
+  config = _text_config('lora', seed)
+  config.peft.lora_aggregation, config.peft.lora_client_ranks = rule, ranks
+  if ranks:
+    config.peft.lora_rank = 16
+  records = _text_records('lora', seed)
+  for record in records[1:]:
+    record['lora_aggregation_error'] = AGGREGATION_ERRORS[rule, ranks, seed][
+        record['round'] - 1]
+  _write_run(root / f'{rule}_{ranks.replace(",", "-")}_seed{seed}', config, records)
+
+
+@pytest.fixture
+def rules_root(tmp_path):
+  """Three groups of LoRA rules (one at mixed ranks, one seed) and a method without LoRA,
+  whose runs have no aggregation error."""
+  for rule, ranks, seed in AGGREGATION_ERRORS:
+    _rule_run(tmp_path, rule, ranks, seed)
+  for seed in (0, 1):
+    _write_run(tmp_path / f'norm_seed{seed}', _text_config('norm', seed),
+               _text_records('norm', seed))
+  return tmp_path
+
+
+def test_runs_of_lora_rules_report_their_aggregation_error(rules_root, monkeypatch):
+  drawn = []
+  save = results._save
+  monkeypatch.setattr(results, '_save', lambda fig, path: drawn.append(fig) or save(fig, path))
+  rows = results.write_report(str(rules_root))
+  labels = {('fedex', ''): 'method=lora, lora_aggregation=fedex, lora_client_ranks=',
+            ('fedit', ''): 'method=lora, lora_aggregation=fedit, lora_client_ranks=',
+            ('fedit', '2,4,8,16'):
+                'method=lora, lora_aggregation=fedit, lora_client_ranks=2,4,8,16'}
+  norm = 'method=norm, lora_aggregation=fedit, lora_client_ranks='
+  assert sorted(rows) == sorted([*labels.values(), norm])  # lora_rank follows: left out.
+  per_run = {}  # (rule, ranks) -> each seed's mean over its rounds with an error.
+  for (rule, ranks, seed), values in AGGREGATION_ERRORS.items():
+    per_run.setdefault((rule, ranks), []).append(
+        np.mean(np.array([v for v in values if v is not None])))
+  for key, label in labels.items():
+    row, means = rows[label], np.array(per_run[key])
+    assert row['aggregation_error_mean'] == pytest.approx(means.mean(), rel=1e-12)
+    std = None if len(means) == 1 else pytest.approx(means.std(ddof=1), rel=1e-12)
+    assert row['aggregation_error_std'] == std
+    assert list(row).index('aggregation_error_mean') == list(row).index('total_mib_mean') + 1
+  assert rows['method=lora, lora_aggregation=fedit, lora_client_ranks=']['aggregation_error_mean'] \
+      == pytest.approx((0.2 + 0.15) / 2)  # By hand: seed 0's null round left out.
+  assert rows[norm]['aggregation_error_mean'] is None
+  assert rows[norm]['aggregation_error_std'] is None
+
+  with open(rules_root / 'report.csv') as f:
+    table = list(csv.DictReader(f))
+  for written, row in zip(table, rows.values()):
+    assert written == {k: '' if v is None else str(v) for k, v in row.items()}
+  markdown = (rules_root / 'report.md').read_text()
+  header = next(l for l in markdown.splitlines() if l.startswith('| group'))
+  assert '| total MiB | aggregation error | trainable |' in header
+  fedex = rows[labels['fedex', '']]
+  for label, cell in ((labels['fedex', ''], f"{fedex['aggregation_error_mean']:.3g} ± "
+                                            f"{fedex['aggregation_error_std']:.2g}"),
+                      (labels['fedit', '2,4,8,16'], '0.388'), (norm, '-')):
+    line = next(l for l in markdown.splitlines() if l.startswith(f'| {label} |'))
+    assert line.count('|') == header.count('|')
+    assert line.split(' | ')[header.split(' | ').index('aggregation error')] == cell, label
+  assert '![aggregation_error_vs_round](aggregation_error_vs_round.png)' in markdown
+  data = (rules_root / 'aggregation_error_vs_round.png').read_bytes()
+  assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+  ax = drawn[-1].axes[0]
+  assert ax.get_yscale() == 'symlog'
+  lines = {l.get_label(): l for l in ax.get_lines()}
+  assert not any(name.startswith('method=norm') for name in lines)
+  fedit = lines[f"{labels['fedit', '']} (n=2)"]
+  # Rounds both seeds have: round 3 is null in seed 0.
+  np.testing.assert_array_equal(fedit.get_xdata(), [1, 2, 4])
+  np.testing.assert_allclose(fedit.get_ydata(), [(0.30 + 0.25) / 2, (0.20 + 0.15) / 2,
+                                                 (0.10 + 0.08) / 2])
+
+  # Under client DP the error is a diagnostic: read from there.
+  records = [{'round': 0}, {'round': 1, 'diagnostics': {'lora_aggregation_error': 0.4}},
+             {'round': 2, 'diagnostics': {'lora_aggregation_error': 0.2}}]
+  assert results.mean_aggregation_error(results.Run('x', {}, records)) == pytest.approx(0.3)
+
+  # Without such runs the column and the figure are gone (the figure as stale).
+  for path in rules_root.glob('fed*'):
+    for f in path.iterdir():
+      f.unlink()
+    path.rmdir()
+  row = results.write_report(str(rules_root))['method=norm']
+  assert 'aggregation_error_mean' not in row
+  assert 'aggregation error' not in (rules_root / 'report.md').read_text()
+  assert not (rules_root / 'aggregation_error_vs_round.png').exists()

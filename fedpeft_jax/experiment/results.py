@@ -17,6 +17,12 @@ accuracy, text runs (whose metrics carry `test_perplexity`, the causal_lm task's
 perplexity, lower better: the same table and figures, named `perplexity_*`, best the
 lowest, the target `report.target_perplexity` (None: no target column). A root that holds
 both kinds is refused: their tables do not share columns.
+
+Runs of a LoRA aggregation rule (`peft.lora_aggregation`) write `lora_aggregation_error`
+every round (under client DP in `diagnostics`): when any run under the root has it, the
+table gains a column, each run's mean over rounds 1 on, mean ± std over seeds ('-' for
+groups without it), and the figure `aggregation_error_vs_round.png`. Reports of runs
+without it are as they were.
 """
 from __future__ import annotations
 
@@ -43,10 +49,14 @@ TARGET_KEY = 'report.target_accuracy'
 TARGET_PERPLEXITY_KEY = 'report.target_perplexity'
 # The paper's grid: always in a label when they differ between groups.
 PAPER_AXES = ('peft.method', 'dp.mode', 'fl.num_clients', 'fl.clients_per_round',
-              'data.partition', 'data.alpha')
+              'data.partition', 'data.alpha', 'peft.lora_aggregation',
+              'peft.lora_client_ranks')
 # The last round is always evaluated; these and its measure's key make its row of the table.
 LAST_ROUND_KEYS = ('bytes_cumulative', 'trainable_params', 'wall_s')
 PARTITION_FIGURE = 'partition.png'
+# A LoRA rule's relative aggregation error (lora_rules/base.py), a round's record key.
+AGGREGATION_ERROR_KEY = 'lora_aggregation_error'
+AGGREGATION_FIGURE = 'aggregation_error_vs_round.png'
 
 
 class ReportError(errors.UserError):
@@ -115,6 +125,19 @@ class Run:
   @property
   def last(self) -> dict:
     return self.metrics[-1]
+
+  @property
+  def aggregation_errors(self) -> dict[int, float]:
+    """{round: `lora_aggregation_error`} of rounds 1 on that have one (a number: null, a
+    round that aggregated nobody, is left out), read from the record or, under client DP,
+    its `diagnostics`; {} for runs without it."""
+    errors_by_round = {}
+    for record in self.metrics:
+      value = record.get(AGGREGATION_ERROR_KEY,
+                         record.get('diagnostics', {}).get(AGGREGATION_ERROR_KEY))
+      if record['round'] > 0 and value is not None:
+        errors_by_round[record['round']] = float(value)
+    return errors_by_round
 
 
 def find_runs(root: str) -> list[str]:
@@ -268,9 +291,20 @@ def swing(run: Run) -> float | None:
   return float(np.mean(np.abs(np.diff(values)))) if len(values) > 1 else None
 
 
-def summarize(label: str, runs: list[Run], target: float | None) -> dict[str, Any]:
+def mean_aggregation_error(run: Run) -> float | None:
+  """The run's `lora_aggregation_error` averaged over its rounds 1 on that have one; None
+  for a run without it."""
+  values = list(run.aggregation_errors.values())
+  return statistics.fmean(values) if values else None
+
+
+def summarize(label: str, runs: list[Run], target: float | None,
+              aggregation: bool = False) -> dict[str, Any]:
   """A group's row of the table (report.csv): seed statistics of its runs' metrics, in
-  their measure (`<name>` accuracy or perplexity; text rows add the initial std)."""
+  their measure (`<name>` accuracy or perplexity; text rows add the initial std).
+
+  `aggregation`: add `aggregation_error_mean` and `_std`, over the seeds that have one, of
+  each run's `mean_aggregation_error` (None, None: no seed has it)."""
   measure = runs[0].measure
   key, name = measure.key, measure.name
   initial = [r.initial[key] for r in runs if r.initial is not None]
@@ -286,7 +320,7 @@ def summarize(label: str, runs: list[Run], target: float | None) -> dict[str, An
   initial_columns = {f'initial_{name}_mean': initial_mean}
   if measure is PERPLEXITY:
     initial_columns[f'initial_{name}_std'] = initial_std
-  return {
+  row = {
       'group': label,
       'n': len(runs),
       **initial_columns,
@@ -306,6 +340,22 @@ def summarize(label: str, runs: list[Run], target: float | None) -> dict[str, An
       'wall_s_mean': statistics.fmean(r.last['wall_s'] for r in runs),
       'rounds': runs[0].last['round'],
   }
+  if aggregation:
+    found = [e for e in map(mean_aggregation_error, runs) if e is not None]
+    error_mean, error_std = _mean_std(found) if found else (None, None)
+    row = _insert_after(row, 'total_mib_mean', {'aggregation_error_mean': error_mean,
+                                                 'aggregation_error_std': error_std})
+  return row
+
+
+def _insert_after(row: dict, key: str, items: dict) -> dict:
+  """`row` with `items` after `key`, in order."""
+  result = {}
+  for k, v in row.items():
+    result[k] = v
+    if k == key:
+      result.update(items)
+  return result
 
 
 def curve(runs: list[Run], x_key: str):
@@ -419,6 +469,39 @@ def plot_vs_epsilon(groups: dict[str, list[Run]], path: str) -> str:
   return _save(fig, path)
 
 
+# Exact rules' errors are float rounding (~1e-7), inexact ones' percents: the error axis is
+# logarithmic above this and linear below, so an error of exactly 0 is drawn too.
+AGGREGATION_LINTHRESH = 1e-8
+
+
+def plot_aggregation_error_vs_round(groups: dict[str, list[Run]], path: str) -> str:
+  """The LoRA rules' aggregation error by round (rounds 1 on; groups without it are left
+  out, keeping their colour in the other figures): mean and ±std band over the seeds that
+  have it, on the rounds every such seed has, on a symlog axis (`AGGREGATION_LINTHRESH`)."""
+  fig = figure.Figure(figsize=(10, 5), layout='constrained')
+  ax = fig.subplots()
+  ax.set_xlabel('round')
+  ax.set_ylabel('aggregation error (log scale; linear below '
+                f'{AGGREGATION_LINTHRESH:g})')
+  ax.set_title('LoRA aggregation error by round: ‖Σp_i·A_i·B_i − served‖ / ‖Σp_i·A_i·B_i‖')
+  ax.set_yscale('symlog', linthresh=AGGREGATION_LINTHRESH)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  for (label, runs), color in zip(groups.items(), _colors(groups)):
+    found = [run.aggregation_errors for run in runs if run.aggregation_errors]
+    if not found:
+      continue
+    rounds = sorted(set.intersection(*(set(e) for e in found)))
+    values = np.array([[e[t] for t in rounds] for e in found])  # [seed, round]
+    mean = values.mean(0)
+    ax.plot(rounds, mean, marker='.', label=f'{label} (n={len(found)})', color=color)
+    if len(found) > 1:
+      std = values.std(0, ddof=1)
+      ax.fill_between(rounds, np.clip(mean - std, 0, None), mean + std, color=color,
+                      alpha=0.2, lw=0)
+  return _save(fig, path)
+
+
 # The names of the image-only report, which draws the same.
 plot_accuracy_vs_round = plot_vs_round
 plot_accuracy_vs_communication = plot_vs_communication
@@ -466,6 +549,13 @@ def _plain(mean: float, std: float | None) -> str:
   return f'{mean:.2f}' + ('' if std is None else f' ± {std:.2f}')
 
 
+def _small(mean: float | None, std: float | None) -> str:
+  """3 significant digits ('-' for None): errors span 1e-7 (rounding) to 1."""
+  if mean is None:
+    return '-'
+  return f'{mean:.3g}' + ('' if std is None else f' ± {std:.2g}')
+
+
 def _measure_columns(measure: Measure, target: float | None) -> tuple[list[str], str]:
   """The headers of the measure's columns (initial, final, best, swing and, with a
   target, MiB to it) and the note on them above the table."""
@@ -492,7 +582,13 @@ def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
   """report.md: the table of `rows` in the groups' measure, the figures, the runs."""
   measure = _measure(groups)
   columns, note = _measure_columns(measure, target)
-  header = ['group', 'n', *columns, 'total MiB', 'trainable', 'epsilon', 'wall (s)', 'rounds']
+  aggregation = 'aggregation_error_mean' in next(iter(rows.values()))
+  header = ['group', 'n', *columns, 'total MiB', *['aggregation error'] * aggregation,
+            'trainable', 'epsilon', 'wall (s)', 'rounds']
+  if aggregation:
+    note += ('; aggregation error: a LoRA rule\'s `lora_aggregation_error` (‖Σp_i·A_i·B_i '
+             '− served‖_F / ‖Σp_i·A_i·B_i‖_F, averaged over the adapted maps; 0 for exact '
+             'rules), each run\'s mean over rounds 1 on (- for groups without it)')
   lines = [f'# Results of {root}', '',
            f'{sum(map(len, groups.values()))} runs in {len(groups)} groups: runs that differ '
            'only in `seed` form a group, named by the config keys that differ between '
@@ -509,7 +605,9 @@ def markdown(root: str, groups: dict[str, list[Run]], rows: dict[str, dict],
              show(row[f'best_{metric}_mean'], row[f'best_{metric}_std']),
              '-' if row['swing_mean'] is None else show(row['swing_mean'], row['swing_std']),
              *([] if target is None else [f'{to_target} ({row["reached_target"]}/{row["n"]})']),
-             f'{row["total_mib_mean"]:.2f}', f'{row["trainable_params"]:,}',
+             f'{row["total_mib_mean"]:.2f}',
+             *([_small(row['aggregation_error_mean'], row['aggregation_error_std'])]
+               if aggregation else []), f'{row["trainable_params"]:,}',
              '-' if row['epsilon_mean'] is None else f'{row["epsilon_mean"]:.3g}',
              f'{row["wall_s_mean"]:.1f}', row['rounds']]
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
@@ -557,7 +655,9 @@ def write_report(root: str, target_accuracy: float | None = None,
   target = resolve_target(
       runs, target_accuracy if measure is ACCURACY else target_perplexity)
   groups = group_runs(runs)
-  rows = {label: summarize(label, members, target) for label, members in groups.items()}
+  aggregation = any(run.aggregation_errors for run in runs)
+  rows = {label: summarize(label, members, target, aggregation)
+          for label, members in groups.items()}
   workdir_lib.prepare(root)  # Proves it writable, with a one-line error if not.
 
   with open(os.path.join(root, 'report.csv'), 'w', newline='') as f:
@@ -572,6 +672,11 @@ def write_report(root: str, target_accuracy: float | None = None,
     figures.append(plot_vs_epsilon(groups, epsilon_path))
   elif os.path.exists(epsilon_path):
     os.remove(epsilon_path)  # Stale: from DP runs no longer here.
+  aggregation_path = os.path.join(root, AGGREGATION_FIGURE)
+  if aggregation:
+    figures.append(plot_aggregation_error_vs_round(groups, aggregation_path))
+  elif os.path.exists(aggregation_path):
+    os.remove(aggregation_path)  # Stale: from LoRA rule runs no longer here.
   partition_path = os.path.join(root, PARTITION_FIGURE)
   # Older runs have no partition.json; DP runs write one without per-client sizes and
   # histograms (they are outside what epsilon covers): neither is drawn.
