@@ -165,6 +165,7 @@ def _sample(config) -> None:
   sample.check_task(config)
   validation.validate(config, needs_data=False)
   sample.trainable_path(_WORKDIR.value)  # Before the model is built: run training first.
+  sample.merged_path(config, _WORKDIR.value)  # A merging LoRA rule's merged.npz, too.
   build.check_pretrained(config, build.build_model(config))
   try:
     text = sample.sample(config, _WORKDIR.value, _PROMPT.value, _MAX_NEW_TOKENS.value,

@@ -4,6 +4,8 @@ tasks/causal_lm.make_generate), checked against transformers' logits in
 passes on growing, unpadded sequences (not the fixed buffer)."""
 import dataclasses
 import importlib.util
+import json
+import os
 import subprocess
 
 import jax
@@ -14,8 +16,10 @@ import pytest
 from fedpeft_jax import errors
 from fedpeft_jax import peft
 from fedpeft_jax import resume
+from fedpeft_jax import validation
 from fedpeft_jax.experiment import build
 from fedpeft_jax.experiment import sample
+from fedpeft_jax.experiment import train
 from fedpeft_jax.tasks import causal_lm
 from tests.conftest import REPO, SHARED, launch, needs
 
@@ -185,3 +189,98 @@ def test_launch_sample_prints_a_continuation_and_refuses_a_workdir_without_train
   assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-2000:]
   assert lines[0].startswith('error: ') and 'no trainable.npz' in lines[0]
   assert 'train first' in lines[0] and not (tmp_path / 'empty').exists()
+
+
+def _speeches(folder, clients=4, per_client=6):
+  """train/test.jsonl of short speeches, a role (client) each: the text source's fields."""
+  folder.mkdir()
+  words = ('the king', 'my lord', 'good night', 'sweet love', 'o heaven', 'fair sir')
+  for split, count in (('train', per_client), ('test', 2)):
+    with open(folder / f'{split}.jsonl', 'w') as f:
+      for c in range(clients):
+        for i in range(count):
+          text = f'{words[(c + i) % 6]} and {words[(c * i + 1) % 6]}, {words[i % 6]}.'
+          f.write(json.dumps({'text': text, 'client': f'role{c}'}) + '\n')
+  return str(folder)
+
+
+def _rule_config(rule, data_path):
+  """The tiny Llama on 4 roles of hand-made speeches, two rounds of LoRA under `rule`."""
+  config = text_config('lora')
+  config.peft.lora_aggregation = rule
+  config.data.path, config.data.min_client_examples = data_path, 1
+  config.data.num_test_examples, config.data.max_length = None, 24
+  config.fl.num_clients = config.fl.clients_per_round = 4
+  config.fl.rounds, config.fl.batch_size, config.eval.batch_size = 2, 4, 8
+  return config
+
+
+@pytest.mark.parametrize('rule', ['flora', 'flexlora'])
+def test_a_merging_rule_is_sampled_as_its_run_served_it(rule, tmp_path):
+  """FLoRA folds its merges into the kernels (`Algorithm.frozen`), FlexLoRA the rest of
+  W_g beyond its factors (`Algorithm.served`): neither is in trainable.npz. merged.npz
+  holds it: trainable.npz + merged.npz evaluate as the run's final round did, and the
+  trainable factors alone do not; without merged.npz sampling is refused in one line."""
+  config = _rule_config(rule, _speeches(tmp_path / 'speeches'))
+  validation.validate(config)
+  workdir = tmp_path / 'run'
+  history = train.train(config, str(workdir))
+  final = history[-1]['test_perplexity']
+  merged = sample.merged_path(config, str(workdir))
+  with np.load(merged) as data:
+    deltas = {k: data[k] for k in data.files}
+  assert sorted(deltas) == [f'model/layers/{i}/self_attn/{m}/kernel'
+                            for i in range(len(deltas) // 2) for m in ('q_proj', 'v_proj')]
+  assert all(d.dtype == np.float32 and np.abs(d).max() > 0 for d in deltas.values())
+  experiment = build.build(config)
+  model, trainable, frozen = sample.load_trees(config, sample.trainable_path(str(workdir)),
+                                               merged)
+  served = experiment.evaluate(trainable, frozen)['test_perplexity']
+  assert served == pytest.approx(final, rel=1e-5)
+  _, _, unmerged = sample.load_trees(config, sample.trainable_path(str(workdir)))
+  factors_only = experiment.evaluate(trainable, unmerged)['test_perplexity']
+  assert abs(factors_only - final) > 1e-3 * final  # The check can tell.
+  # The sampler is that model: its logits are the evaluated trees'.
+  sampler = sample.load(config, sample.trainable_path(str(workdir)), merged)
+  ids = jnp.asarray([sample.encode(sampler, PROMPT)])
+  np.testing.assert_array_equal(
+      sampler.model.apply({'params': sampler.params}, ids),
+      model.apply({'params': peft.merge(trainable, frozen)}, ids))
+  assert sample.sample(config, str(workdir), PROMPT, max_new_tokens=4)
+
+  os.remove(merged)
+  with pytest.raises(errors.UserError) as e:
+    sample.sample(config, str(workdir), PROMPT)
+  assert str(e.value) == (
+      f'--workdir={workdir} holds no merged.npz, which --config.peft.lora_aggregation='
+      f'{rule} needs (the updates it merged into the kernels are not in trainable.npz; a '
+      'run writes both at its end): train again with this version, then sample')
+
+
+def test_merged_npz_of_another_config_is_one_line(tmp_path):
+  """A merged.npz beside a config whose rule does not merge, or whose kernels are not the
+  frozen tree's, is refused naming the file; a rule that does not merge needs none."""
+  config = text_config('lora')
+  assert sample.merged_path(config, str(tmp_path)) is None  # fedit: nothing merged.
+  frozen = {'layer': {'kernel': jnp.ones((2, 3), jnp.bfloat16), 'scale': jnp.ones(3)}}
+  path = tmp_path / 'merged.npz'
+  np.savez(path, **{'layer/kernel': np.full((2, 3), 0.5, np.float32)})
+  with pytest.raises(errors.UserError, match=r'holds merged.npz, written by a LoRA rule '
+                     r'that merges \(fedex, flexlora, flora\), and --config.peft.'
+                     'lora_aggregation=fedit does not merge: use the config that trained it'):
+    sample.merged_path(config, str(tmp_path))
+  folded = sample.fold_merged(str(path), frozen)
+  assert folded['layer']['kernel'].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(folded['layer']['kernel'], np.float32), 1.5)
+  assert folded['layer']['scale'] is frozen['layer']['scale']
+  np.savez(path, **{'layer/kernel': np.zeros((3, 2), np.float32),
+                    'other/kernel': np.zeros(1, np.float32)})
+  with pytest.raises(errors.UserError) as e:
+    sample.fold_merged(str(path), frozen)
+  assert str(e.value) == (
+      f'{path} holds other merged kernels than this config adapts: layer/kernel (3, 2) in '
+      'the file, (2, 3) now; other/kernel not a frozen weight now: use the config '
+      '(peft.method and its options) that trained it')
+  assert e.value.argument == 'path'
+  config.peft.lora_aggregation = 'fedex'
+  assert sample.merged_path(config, str(tmp_path)) == str(path)

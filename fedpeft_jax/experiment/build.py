@@ -413,6 +413,10 @@ class Experiment:
   # (client ids, round) -> (bytes down, bytes up) per client, when they differ by client
   # (a LoRA rule: each client's rank); None: the trainable tree each way.
   client_bytes: Callable | None = None
+  # state -> {kernel path 'a/b/kernel': float32 numpy delta}: what the served model adds to
+  # the adapted kernels beyond trainable.npz, when a LoRA rule merges updates into them
+  # (`merged_deltas`; written as merged.npz at the run's end); None: nothing.
+  merged: Callable | None = None
 
   def compile_round(self, state: fl_types.ServerState):
     """The round as one compiled function of the server state, compiled now, not in round 1."""
@@ -479,20 +483,32 @@ def build(config, ledger: PrivacyLedger | None = None) -> Experiment:
   if chunk:
     algorithm = build_for(chunk)
   evaluate = the_task.make_evaluate(config, model, frozen, test_set, place, state.trainable)
-  served, client_bytes = None, None
+  served, client_bytes, merged = None, None, None
   if lora is not None:
-    partition, served, client_bytes = _lora_parts(config, lora, algorithm, state, frozen,
-                                                  partition, num_trainable)
+    partition, served, client_bytes, merged = _lora_parts(
+        config, lora, algorithm, state, frozen, partition, num_trainable)
   return Experiment(config, model, algorithm, state, frozen, dataset, table, client_sizes,
                     num_trainable, privacy, evaluate, partition, data.loss_fn, served,
-                    client_bytes)
+                    client_bytes, merged)
+
+
+def merged_deltas(lay: lora_rules.Layout, frozen, served_frozen) -> dict:
+  """{'/'-joined kernel path: served kernel − kernel, float32 [in, out...]} of every
+  adapted map whose kernel is frozen: what a merging rule (fedex, flora, flexlora) folded
+  into the backbone, in trainable.npz's flat layout. Folding it back, kernel + delta in
+  float32 cast to the kernel's dtype, gives the served kernel (to float32 rounding)."""
+  get = lora_rules.base.get
+  return {'/'.join(site.kernel): get(served_frozen, site.kernel).astype(jnp.float32)
+          - get(frozen, site.kernel).astype(jnp.float32)
+          for site in lay.sites if site.kernel in lay.frozen_kernels}
 
 
 def _lora_parts(config, lora: lora_rules.Layout, algorithm, state, frozen, partition,
                 num_trainable: int):
   """A LoRA rule's run: partition.json with each client's rank, the served model (jitted,
-  placed as the round's trees, so evaluation's compiled function takes it) and each
-  client's traffic; says what the rule keeps on the server."""
+  placed as the round's trees, so evaluation's compiled function takes it), each client's
+  traffic and, for a rule that merges into the kernels, its `merged_deltas` of a state;
+  says what the rule keeps on the server."""
   name = lora_rule(config)
   if lora.ranks is not None:
     partition = {**partition, 'lora_client_ranks': lora.ranks.tolist()}
@@ -501,12 +517,18 @@ def _lora_parts(config, lora: lora_rules.Layout, algorithm, state, frozen, parti
            f', client ranks {sorted(set(lora.ranks.tolist()))} (peft.lora_client_ranks)')
   console.say(f'peft.lora_aggregation={name}: {len(lora.sites)} adapted maps{ranks}'
               + (f'; the server keeps {kept / 2**20:,.1f} MiB' if kept else ''))
-  served = None
+  served, merged = None, None
   if algorithm.serve is not None:
     shardings = jax.tree.map(lambda x: x.sharding, (state.trainable, frozen))
     serve = jax.jit(algorithm.serve, out_shardings=shardings)
     served = lambda s: serve(s, frozen)
+  spec = lora_rules.LORA_RULES.get(name)
+  if spec.folds and algorithm.serve is not None:
+    # Whole on every device (as the trainable tree is), so every process can read it.
+    replicated = jax.tree.leaves(state.trainable)[0].sharding
+    deltas = jax.jit(lambda s, f: merged_deltas(lora, f, algorithm.serve(s, f)[1]),
+                     out_shardings=replicated)
+    merged = lambda s: {k: np.asarray(v) for k, v in deltas(s, frozen).items()}
   other = num_trainable - lora_rules.base.factor_floats(lora, lora.rank)
-  client_bytes = lora_rules.client_bytes(lora_rules.LORA_RULES.get(name), lora, other,
-                                         config.fl.num_clients)
-  return partition, served, client_bytes
+  client_bytes = lora_rules.client_bytes(spec, lora, other, config.fl.num_clients)
+  return partition, served, client_bytes, merged

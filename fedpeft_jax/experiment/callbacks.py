@@ -470,6 +470,22 @@ class ExportTrainable(loop.Callback):
     resume.export_trainable(self.path, state.trainable)
 
 
+class ExportMerged(loop.Callback):
+  """`merged.npz`, written when the run ends: what a LoRA rule that merges updates into
+  the adapted kernels (fedex, flora, flexlora) serves beyond trainable.npz, the float32
+  delta of every adapted kernel in trainable.npz's flat layout (`build.merged_deltas`).
+  Computed on every process (its arrays are gathered whole), written by process 0."""
+  phase = 'persist'
+
+  def __init__(self, path: str, merged, primary: bool = True):
+    self.path, self.merged, self.primary = path, merged, primary
+
+  def on_run_end(self, state):
+    deltas = self.merged(state)
+    if self.primary:
+      np.savez(self.path, **deltas)
+
+
 def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpointer,
              primary: bool, ledger: PrivacyLedger | None = None) -> list[loop.Callback]:
   """The callbacks of a training run in `workdir`, in phase order (`loop.in_phase_order`);
@@ -505,4 +521,7 @@ def standard(experiment, config, workdir: str, checkpointer: resume.RunCheckpoin
                               stateful))
   if primary:
     callbacks.append(ExportTrainable(os.path.join(workdir, 'trainable.npz')))
+  if getattr(experiment, 'merged', None) is not None:
+    callbacks.append(ExportMerged(os.path.join(workdir, 'merged.npz'), experiment.merged,
+                                  primary))
   return loop.in_phase_order(callbacks)

@@ -19,7 +19,8 @@ def train(config, workdir: str) -> list[dict]:
 
   Writes `metrics.jsonl` (a line a round; a fresh run starts with round 0, the initial
   model evaluated before training), `tb/` (TensorBoard), `config.json`,
-  `run.json`, `partition.json`, `checkpoints/` and, at the end, `trainable.npz`. With several
+  `run.json`, `partition.json`, `checkpoints/` and, at the end, `trainable.npz` (and
+  `merged.npz` for a LoRA rule that merges into the kernels). With several
   processes (`jax.distributed`) every one calls this; process 0 writes and
   returns the records, the others return [].
   """
