@@ -80,5 +80,63 @@ def test_the_text_main_job_takes_the_roles_with_ten_speeches_as_clients():
   points = module.get_sweep('methods')
   assert sorted({p['arg'] for p in points}) == sorted(module.DECODER_METHODS)
   assert len(points) == 3 * len(module.DECODER_METHODS)
-  with pytest.raises(configs.errors.UserError, match="sweep is 'methods'"):
+  with pytest.raises(configs.errors.UserError,
+                     match="sweeps are 'methods' and 'lora_aggregation'"):
     module.get_sweep('nope')
+
+
+SWEEPS = [('pcam_vit_ti4', 'methods'), ('pcam_vit_ti4', 'algorithms'),
+          ('pcam_vit_ti4', 'lora_aggregation'), ('shakespeare_tiny_llama', 'methods'),
+          ('shakespeare_tiny_llama', 'lora_aggregation')]
+
+
+@pytest.mark.parametrize('name,arg', SWEEPS, ids=lambda x: x)
+def test_every_point_of_the_declared_sweeps_validates(name, arg):
+  """Each point's config as `--mode=sweep` makes it (`sweep.point_config`) validates
+  without weights or data; a LoRA rule runs only where validation allows it."""
+  from fedpeft_jax.experiment import sweep
+  from fedpeft_jax.federated import lora_rules
+  path = REPO / 'experiments' / f'{name}.py'
+  module = _load(path)
+  points = sweep.points(module, str(path), arg)
+  for point in points:
+    config = sweep.point_config(module, point, {})
+    validation.validate(config, needs_weights=False, needs_data=False)
+    spec = lora_rules.LORA_RULES.get(config.peft.lora_aggregation)
+    if config.peft.lora_aggregation != 'fedit':  # The refused combinations are absent.
+      assert 'lora' in config.peft.method and config.fl.algorithm == 'fedavg', point.name
+      assert config.dp.mode == 'none' or spec.client_dp is None, point.name
+      assert config.fl.server_optimizer == 'sgd' or not spec.plain_server_step, point.name
+
+
+@pytest.mark.parametrize('name', ['pcam_vit_ti4', 'shakespeare_tiny_llama'])
+def test_the_lora_aggregation_sweeps_run_every_rule_and_the_mixed_rank_rules(name):
+  """Issue 22's sweeps: every registered rule x 3 seeds at the config's rank, and FedIT,
+  FLoRA, FlexLoRA and HetLoRA with clients of ranks 2/4/8/16 (factors at 16); cheap
+  settings (PCam: the Dirichlet split's 5 rounds; Shakespeare: 10 rounds, evaluated every
+  other); the report names their groups by rule and client ranks."""
+  from fedpeft_jax.experiment import results, sweep
+  from fedpeft_jax.federated import lora_rules
+  path = REPO / 'experiments' / f'{name}.py'
+  module = _load(path)
+  points = sweep.points(module, str(path), 'lora_aggregation')
+  made = [sweep.point_config(module, p, {}) for p in points]
+  settings = {}
+  for config in made:
+    key = (config.peft.lora_aggregation, config.peft.lora_client_ranks, config.peft.lora_rank)
+    settings.setdefault(key, []).append(config.seed)
+    assert config.peft.method == 'lora' and config.dp.mode == 'none'
+    if name == 'pcam_vit_ti4':
+      assert {k: configs.flat_config(config)[k] for k in module.NON_IID} == module.NON_IID
+      assert (config.data.partition, config.fl.rounds) == ('dirichlet', 5)
+    else:
+      assert (config.data.partition, config.fl.rounds, config.fl.eval_every) == (
+          'natural', 10, 2)
+  rules = lora_rules.LORA_RULES.names()
+  assert len(rules) == 8 and {'fedit', 'fedex', 'flora', 'fedsb'} <= set(rules)
+  expected = {**{(rule, '', 8): [0, 1, 2] for rule in rules},
+              **{(rule, '2,4,8,16', 16): [0, 1, 2]
+                 for rule in ('fedit', 'flora', 'flexlora', 'hetlora')}}
+  assert settings == expected
+  flat = [{k: v for k, v in configs.flat_config(c).items() if k != 'seed'} for c in made]
+  assert results.label_keys(flat) == ['peft.lora_aggregation', 'peft.lora_client_ranks']

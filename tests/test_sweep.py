@@ -68,7 +68,8 @@ def test_the_testbed_algorithm_sweep_declares_each_algorithm_with_three_seeds():
   assert [p.name for p in points[:4]] == ['bias_seed-0', 'bias_seed-1', 'bias_seed-2',
                                           'bias_server_optimizer-momentum_seed-0']
   assert points[-1].name == 'lora_lora_freeze_a-True_seed-2'
-  with pytest.raises(errors.UserError, match="sweeps are 'methods' and 'algorithms'"):
+  with pytest.raises(errors.UserError, match="sweeps are 'methods', 'algorithms' and "
+                     "'lora_aggregation'"):
     sweep.points(module, path, 'optimizers')
 
 
