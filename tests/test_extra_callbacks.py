@@ -53,6 +53,23 @@ def test_early_stop_stops_after_patience_evaluations_without_improvement():
   assert (restored.best, restored.waited) == (stop.best, stop.waited)
 
 
+def test_early_stop_watches_the_tasks_headline_perplexity_downwards_for_text():
+  class Experiment:  # What `make` reads of a built experiment.
+    def __init__(self, config):
+      self.config = config
+  image = early_stop.make({'early_stop_patience': 1}, Experiment(tiny_config()))
+  assert (image.metric, image.sign) == ('test_accuracy', 1.0)
+  text_config = tiny_config('lora')
+  text_config.model.family = 'llama'
+  text = early_stop.make({'early_stop_patience': 1}, Experiment(text_config))
+  assert text.metric == 'test_perplexity'
+  # Falling perplexity is progress; a rise after the best is a wait, and patience 1 stops.
+  seen = [text.on_round_end(r, None, None, {'test_perplexity': p})
+          for r, p in enumerate([270.0, 120.0, 95.0], 1)]
+  assert seen == [None, None, None]
+  assert isinstance(text.on_round_end(4, None, None, {'test_perplexity': 96.0}), loop.Stop)
+
+
 def test_one_config_line_adds_a_callback_to_a_run(tmp_path):
   """A run with `callbacks.extra='early_stop'` and patience 1 on a model that cannot
   improve (learning rate 0) stops after its second evaluation, and says so."""

@@ -1,8 +1,10 @@
-"""`early_stop`: ends a run whose headline test metric (the task's first, e.g.
-`test_accuracy`) has not improved for `early_stop_patience` evaluations. Its best value and
-wait travel in the run checkpoint, so a resumed run keeps counting."""
+"""`early_stop`: ends a run whose headline test metric (the task's first: `test_accuracy`
+for images, higher is better; `test_perplexity` for text, lower is better) has not improved
+for `early_stop_patience` evaluations. Its best value and wait travel in the run
+checkpoint, so a resumed run keeps counting."""
 from __future__ import annotations
 
+from fedpeft_jax.experiment import build
 from fedpeft_jax.experiment import loop
 from fedpeft_jax.experiment.extra_callbacks import CALLBACKS, CallbackSpec
 
@@ -34,6 +36,17 @@ class EarlyStop(loop.Stateful):
     self.best, self.waited = saved['best'], saved['waited']
 
 
+# Headline metrics where lower is better; any other improves upwards.
+LOWER_IS_BETTER = ('test_perplexity', 'test_loss')
+
+
+def make(options, experiment) -> EarlyStop:
+  """EarlyStop on the headline metric of the task `experiment.config`'s model serves."""
+  metric = build.task(experiment.config).metrics[0]
+  return EarlyStop(options['early_stop_patience'], metric,
+                   larger_is_better=metric not in LOWER_IS_BETTER)
+
+
 def _check(options):
   patience = options['early_stop_patience']
   if not (isinstance(patience, int) and patience >= 1):
@@ -42,6 +55,7 @@ def _check(options):
 
 
 CALLBACKS.register('early_stop', CallbackSpec(
-    make=lambda options, experiment: EarlyStop(options['early_stop_patience']),
-    summary='stop when test accuracy has not improved for a few evaluations',
+    make=make,
+    summary="stop when the task's headline test metric (accuracy; perplexity for text) has "
+            'not improved for a few evaluations',
     options={'early_stop_patience': 3}, check=_check))
