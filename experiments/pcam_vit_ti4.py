@@ -8,7 +8,6 @@ file's own location, so the command works from any working directory.
 import pathlib
 
 from fedpeft_jax import configs, errors
-from fedpeft_jax.federated import lora_rules
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared'
 
@@ -44,21 +43,6 @@ ALGORITHMS = {  # Name -> the keys that select it, on top of FedAvg.
     'fedprox': {'fl.prox_mu': 0.01},
     'scaffold': {'fl.algorithm': 'scaffold'},
 }
-# Clients of mixed LoRA ranks (issue 22): each client draws its rank from these, the factors
-# held at the largest; run by the rules made for mixed ranks (FLoRA stacks, FlexLoRA
-# truncates, HetLoRA zero-pads with sparsity weights) and by FedIT's plain zero-padded
-# average, the baseline they improve on.
-MIXED_RANKS = {'peft.lora_client_ranks': '2,4,8,16', 'peft.lora_rank': 16}
-MIXED_RANK_RULES = ('fedit', 'flora', 'flexlora', 'hetlora')
-
-
-def lora_aggregation_points(base: dict, seeds) -> list[dict]:
-  """Every registered LoRA rule at the config's rank, then `MIXED_RANK_RULES` with clients
-  of `MIXED_RANKS`, each with every seed, on top of `base` (LoRA on the config's clients)."""
-  def point(rule, extra, seed):
-    return {**base, 'peft.lora_aggregation': rule, **extra, 'seed': seed}
-  return ([point(rule, {}, seed) for rule in lora_rules.LORA_RULES.names() for seed in seeds]
-          + [point(rule, MIXED_RANKS, seed) for rule in MIXED_RANK_RULES for seed in seeds])
 
 
 def get_sweep(arg: str = 'methods'):
@@ -67,7 +51,7 @@ def get_sweep(arg: str = 'methods'):
   as it is (FedIT) against FFA-LoRA, on Dirichlet(0.5) clients with 5 local epochs, 3 seeds
   (`NON_IID`). 'lora_aggregation': every LoRA aggregation rule (`peft.lora_aggregation`) at
   rank 8, and the mixed-rank rules with clients of ranks 2/4/8/16, 3 seeds, on the same
-  clients (`NON_IID`, 5 rounds): 36 runs (`lora_aggregation_points`)."""
+  clients (`NON_IID`, 5 rounds): 36 runs (`configs.lora_aggregation_points`)."""
   seeds = [0, 1, 2]
   if arg == 'methods':
     return configs.grid({'arg': list(configs.METHODS_COMPARED), 'seed': seeds})
@@ -78,6 +62,6 @@ def get_sweep(arg: str = 'methods'):
             for freeze in (False, True) for seed in seeds]
     return bias + lora
   if arg == 'lora_aggregation':
-    return lora_aggregation_points({'arg': 'lora', **NON_IID}, seeds)
+    return configs.lora_aggregation_points({'arg': 'lora', **NON_IID}, seeds)
   raise errors.UserError(f"--config=experiments/pcam_vit_ti4.py:{arg}: this file's sweeps are "
                          "'methods', 'algorithms' and 'lora_aggregation'")

@@ -13,7 +13,6 @@ this file's own location, so the command works from any working directory.
 import pathlib
 
 from fedpeft_jax import configs, errors
-from fedpeft_jax.federated import lora_rules
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / 'shared'
 NUM_ROLES = 529  # Roles with >= MIN_SPEECHES training speeches.
@@ -55,36 +54,20 @@ def get_config(arg: str = 'lora'):
   return c
 
 
-# The LoRA aggregation study's runs (issue 22): 10 rounds, every other one evaluated, so its
-# 36 runs should fit in about 1.5 hours of two CPU cores (estimated from the methods
-# sweep's seconds per round).
+# The LoRA aggregation study's runs (issue 22): 10 rounds, every other one evaluated; its
+# 36 runs took 42 minutes on two CPU cores.
 SHORT = {'fl.rounds': 10, 'fl.eval_every': 2}
-# Clients of mixed LoRA ranks: each role draws its rank from these, the factors held at the
-# largest; run by the rules made for mixed ranks (FLoRA stacks, FlexLoRA truncates, HetLoRA
-# zero-pads with sparsity weights) and by FedIT's plain zero-padded average, the baseline
-# they improve on.
-MIXED_RANKS = {'peft.lora_client_ranks': '2,4,8,16', 'peft.lora_rank': 16}
-MIXED_RANK_RULES = ('fedit', 'flora', 'flexlora', 'hetlora')
-
-
-def lora_aggregation_points(base: dict, seeds) -> list[dict]:
-  """Every registered LoRA rule at the config's rank, then `MIXED_RANK_RULES` with clients
-  of `MIXED_RANKS`, each with every seed, on top of `base` (LoRA on the config's clients)."""
-  def point(rule, extra, seed):
-    return {**base, 'peft.lora_aggregation': rule, **extra, 'seed': seed}
-  return ([point(rule, {}, seed) for rule in lora_rules.LORA_RULES.names() for seed in seeds]
-          + [point(rule, MIXED_RANKS, seed) for rule in MIXED_RANK_RULES for seed in seeds])
 
 
 def get_sweep(arg: str = 'methods'):
   """'methods': every decoder method, 3 seeds (the README's text study).
   'lora_aggregation': every LoRA aggregation rule (`peft.lora_aggregation`) at rank 8, and
   the mixed-rank rules with roles of ranks 2/4/8/16, 3 seeds, on the roles (natural
-  clients), 10 rounds (`SHORT`): 36 runs (`lora_aggregation_points`)."""
+  clients), 10 rounds (`SHORT`): 36 runs (`configs.lora_aggregation_points`)."""
   seeds = [0, 1, 2]
   if arg == 'methods':
     return configs.grid({'arg': list(DECODER_METHODS), 'seed': seeds})
   if arg == 'lora_aggregation':
-    return lora_aggregation_points({'arg': 'lora', **SHORT}, seeds)
+    return configs.lora_aggregation_points({'arg': 'lora', **SHORT}, seeds)
   raise errors.UserError(f"--config=experiments/shakespeare_tiny_llama.py:{arg}: this file's "
                          "sweeps are 'methods' and 'lora_aggregation'")

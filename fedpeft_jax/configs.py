@@ -10,6 +10,7 @@ from fedpeft_jax import errors
 from fedpeft_jax import peft
 from fedpeft_jax.data import partition
 from fedpeft_jax.experiment import extra_callbacks
+from fedpeft_jax.federated import lora_rules
 
 # Each method's default client learning rate, as its PEFT_METHODS entry declares it (the
 # paper's configs'): a read-only view for reports and tests.
@@ -47,6 +48,24 @@ def paper_sweep(seeds=(0, 1, 2)) -> list[dict]:
               for dp in DP_MODES],
       'data.partition': ['dirichlet', 'iid'],
       'seed': list(seeds)})
+
+
+# Clients of mixed LoRA ranks (issue 22): each client draws its rank from these, the factors
+# held at the largest; run by the rules made for mixed ranks (FLoRA stacks, FlexLoRA
+# truncates, HetLoRA zero-pads with sparsity weights) and by FedIT's plain zero-padded
+# average, the baseline they improve on.
+MIXED_RANKS = {'peft.lora_client_ranks': '2,4,8,16', 'peft.lora_rank': 16}
+MIXED_RANK_RULES = ('fedit', 'flora', 'flexlora', 'hetlora')
+
+
+def lora_aggregation_points(base: dict, seeds) -> list[dict]:
+  """A LoRA aggregation sweep's points: every registered rule at the config's rank, then
+  `MIXED_RANK_RULES` with clients of `MIXED_RANKS`, each with every seed, on top of `base`
+  (LoRA on the config's clients)."""
+  def point(rule, extra, seed):
+    return {**base, 'peft.lora_aggregation': rule, **extra, 'seed': seed}
+  return ([point(rule, {}, seed) for rule in lora_rules.LORA_RULES.names() for seed in seeds]
+          + [point(rule, MIXED_RANKS, seed) for rule in MIXED_RANK_RULES for seed in seeds])
 
 
 def flat_config(config) -> dict:
