@@ -244,6 +244,17 @@ def export_trainable(path: str, trainable) -> None:
   np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
 
 
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """{key: array} of a flat `.npz` a run wrote (trainable.npz, merged.npz); UserError
+  (argument 'path') for an unreadable file."""
+  try:
+    with np.load(path) as data:
+      return {key: data[key] for key in data.files}
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(f'{path} is not a readable .npz ({type(e).__name__}): train '
+                           'again to write it', argument='path') from None
+
+
 def load_trainable(path: str, template):
   """The trainable tree `export_trainable` wrote to `path`, checked against `template`
   (the tree the config trains: same leaf paths and shapes), each leaf in the template's
@@ -252,12 +263,7 @@ def load_trainable(path: str, template):
   if not os.path.isfile(path):
     raise errors.UserError(f'{path} does not exist: train first (a run writes it at its '
                            'end)', argument='path')
-  try:
-    with np.load(path) as data:
-      saved = {key: data[key] for key in data.files}
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.UserError(f'{path} is not a readable .npz ({type(e).__name__}): train '
-                           'again to write it', argument='path') from None
+  saved = read_npz(path)
   wanted = traverse_util.flatten_dict(template, sep='/')
   problems = [f'{k} {saved[k].shape} in the file, not trained now' if k not in wanted else
               f'{k} {tuple(wanted[k].shape)} trained now, not in the file' if k not in saved

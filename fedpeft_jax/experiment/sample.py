@@ -109,12 +109,7 @@ def fold_merged(path: str, frozen):
   added to their kernels in float32, cast back to each kernel's dtype (`lora.fold`).
   UserError (argument 'path') for an unreadable file or one whose kernels are not this
   config's frozen ones (naming the first differences)."""
-  try:
-    with np.load(path) as data:
-      deltas = {key: data[key] for key in data.files}
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.UserError(f'{path} is not a readable .npz ({type(e).__name__}): train '
-                           'again to write it', argument='path') from None
+  deltas = resume.read_npz(path)
   flat = traverse_util.flatten_dict(frozen, sep='/')
   problems = [f'{k} not a frozen weight now' if k not in flat else
               f'{k} {v.shape} in the file, {tuple(flat[k].shape)} now'
