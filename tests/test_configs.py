@@ -113,8 +113,9 @@ def test_every_point_of_the_declared_sweeps_validates(name, arg):
 def test_the_lora_aggregation_sweeps_run_every_rule_and_the_mixed_rank_rules(name):
   """Issue 22's sweeps: every registered rule x 3 seeds at the config's rank, and FedIT,
   FLoRA, FlexLoRA and HetLoRA with clients of ranks 2/4/8/16 (factors at 16); cheap
-  settings (PCam: the Dirichlet split's 5 rounds; Shakespeare: 10 rounds, evaluated every
-  other); the report names their groups by rule and client ranks."""
+  settings (PCam: the Dirichlet split with 2 local epochs, 4 rounds, 500 test images;
+  Shakespeare: 10 rounds, evaluated every other); the report names their groups by rule
+  and client ranks."""
   from fedpeft_jax.experiment import results, sweep
   from fedpeft_jax.federated import lora_rules
   path = REPO / 'experiments' / f'{name}.py'
@@ -127,8 +128,12 @@ def test_the_lora_aggregation_sweeps_run_every_rule_and_the_mixed_rank_rules(nam
     settings.setdefault(key, []).append(config.seed)
     assert config.peft.method == 'lora' and config.dp.mode == 'none'
     if name == 'pcam_vit_ti4':
-      assert {k: configs.flat_config(config)[k] for k in module.NON_IID} == module.NON_IID
-      assert (config.data.partition, config.fl.rounds) == ('dirichlet', 5)
+      flat = configs.flat_config(config)
+      assert {k: flat[k] for k in module.LORA_AGGREGATION} == module.LORA_AGGREGATION
+      assert (config.data.partition, config.data.alpha, config.data.num_train_examples) == (
+          'dirichlet', 0.5, 2048)
+      assert (config.fl.rounds, config.fl.local_epochs, config.data.num_test_examples) == (
+          4, 2, 500)
     else:
       assert (config.data.partition, config.fl.rounds, config.fl.eval_every) == (
           'natural', 10, 2)
