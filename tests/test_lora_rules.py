@@ -98,11 +98,11 @@ class Run(NamedTuple):
   metrics: list  # Of rounds 1, 2.
 
 
-def _make(rule, schedule='padded'):
+def _make(rule, schedule='padded', measure_error=True):
   dataset, parts, trainable, frozen = _problem(rule)
   table = types.ClientTable.from_partition(parts)
   algorithm = base.algorithm(base.layout(trainable, frozen, SCALE, RANKS.get(rule)),
-                             lora_rules.LORA_RULES.get(rule).rule)
+                             lora_rules.LORA_RULES.get(rule).rule, measure_error)
   fl_round = round_lib.make_round(
       loss_fn, OPTIMIZER, client_lib.LocalSpec(max_examples=table.max_examples, **LOCAL),
       round_lib.Cohort(5, len(parts), dropout_prob=0.25), algorithm=algorithm,
@@ -111,8 +111,8 @@ def _make(rule, schedule='padded'):
 
 
 @functools.cache
-def _run(rule, schedule='padded') -> Run:
-  dataset, table, frozen, algorithm, fl_round, trainable = _make(rule, schedule)
+def _run(rule, schedule='padded', measure_error=True) -> Run:
+  dataset, table, frozen, algorithm, fl_round, trainable = _make(rule, schedule, measure_error)
   apply = jax.jit(fl_round.apply)
   states, metrics = [fl_round.init(trainable, jax.random.key(3))], []
   for _ in range(2):
@@ -343,6 +343,25 @@ def test_a_rule_with_server_state_resumes_bit_identical(rule, tmp_path):
   expected = run.states[2]
   jax.tree.map(np.testing.assert_array_equal, (state.trainable, state.algorithm_state),
                (expected.trainable, expected.algorithm_state))
+
+
+@pytest.mark.parametrize('rule', ['fedit', 'flexlora'])
+def test_without_the_aggregation_error_a_rule_trains_the_same_and_keeps_no_dense_sum(rule):
+  """`peft.lora_aggregation_error=False`: the same two rounds bit for bit, no error in the
+  round's metrics, and FedIT (whose server step needs no products) sums no dense
+  [in, out] per map; FlexLoRA still sums them, its server step averages the products."""
+  measured, unmeasured = _run(rule), _run(rule, measure_error=False)
+  for a, b in zip(measured.states[1:], unmeasured.states[1:]):
+    jax.tree.map(np.testing.assert_array_equal, (a.trainable, a.algorithm_state),
+                 (b.trainable, b.algorithm_state))
+  assert base.ERROR_KEY in measured.metrics[0].algorithm
+  assert all(base.ERROR_KEY not in m.algorithm for m in unmeasured.metrics)
+  sums = unmeasured.algorithm.begin(unmeasured.states[1].algorithm_state)
+  dims = [(DIM, 4), (DIM, 4)]  # 'value' [6, 2, 2] and 'query' [6, 4]: in x out each.
+  assert [tuple(p.shape) for p in sums.products] == ([] if rule == 'fedit' else dims)
+  config = tiny_config('lora')
+  config.peft.lora_aggregation_error = False
+  validation.validate(config)
 
 
 def test_the_packed_schedule_starts_clients_where_the_padded_one_does():

@@ -324,7 +324,8 @@ def build_federated_algorithm(config, lora: lora_rules.Layout | None = None
     with validation.config_keys(config, rule='peft.lora_aggregation'):
       spec = lora_rules.LORA_RULES.get(name)
       lora_rules.check_layout(name, spec, lora)
-    algorithm = lora_rules.algorithm(lora, spec.rule)
+    algorithm = lora_rules.algorithm(lora, spec.rule,
+                                     measure_error=config.peft.lora_aggregation_error)
   else:
     with validation.config_keys(config, name='fl.algorithm'):
       spec = algorithms.ALGORITHMS.get(config.fl.algorithm)

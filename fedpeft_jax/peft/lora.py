@@ -196,7 +196,7 @@ PEFT_METHODS.register('lora', PeftMethod(
     learning_rate=5e-3, adds=('lora',),
     options={'lora_rank': 8, 'lora_alpha': 8.0, 'lora_freeze_a': False,
              'lora_targets': 'q_proj,v_proj', 'lora_aggregation': 'fedit',
-             'lora_client_ranks': ''},
+             'lora_client_ranks': '', 'lora_aggregation_error': True},
     addition=lambda o: LoRA(o['lora_rank'], o['lora_alpha'],
                             parse_targets(o['lora_targets']),
                             middle=o['lora_aggregation'] in MIDDLE),

@@ -183,6 +183,8 @@ class Rule(NamedTuple):
   update(layout, state, ClientsDone) -> state: per-client state after a group finishes.
   frozen(layout, state, frozen) -> the frozen tree clients and evaluation see.
   served(layout, state, trainable, frozen) -> (trainable, frozen) as evaluated.
+  uses_products: `server` reads the clients' products' sum (`Sums.products`, `ideal`), so
+    it is summed even when the aggregation error is not measured.
   """
   server: Callable[..., tuple]
   init: Callable[..., PyTree] = lambda lay, trainable, num_clients: ()
@@ -193,6 +195,7 @@ class Rule(NamedTuple):
   update: Callable[..., PyTree] = lambda lay, state, done: state
   frozen: Optional[Callable[..., PyTree]] = None
   served: Optional[Callable[..., tuple]] = None
+  uses_products: bool = False
 
 
 def _lane_factors(lay: Layout, final, frozen, lanes: int) -> tuple:
@@ -205,9 +208,14 @@ def _lane_factors(lay: Layout, final, frozen, lanes: int) -> tuple:
                for s in lay.sites)
 
 
-def algorithm(lay: Layout, rule: Rule) -> Algorithm:
-  """The federated `Algorithm` of `rule` on the adapted maps of `lay` (module docstring)."""
+def algorithm(lay: Layout, rule: Rule, measure_error: bool = True) -> Algorithm:
+  """The federated `Algorithm` of `rule` on the adapted maps of `lay` (module docstring).
+
+  `measure_error=False` skips the aggregation error: a rule that does not read the
+  products' sum (`Rule.uses_products`) then keeps no dense float32 [in, out] per adapted
+  map (about 4 GiB for Llama-2-7B's q and v), and the round reports no error."""
   hetero = lay.heterogeneous
+  sum_products = measure_error or rule.uses_products
   ranks = jnp.asarray(lay.ranks) if hetero else None
   personal = hetero or rule.start is not None
 
@@ -223,7 +231,8 @@ def algorithm(lay: Layout, rule: Rule) -> Algorithm:
     return mask_to_rank(lay, trainable, rank) if hetero else trainable
 
   def begin(state):
-    zeros = tuple(jnp.zeros(lay.dims(site), jnp.float32) for site in lay.sites)
+    zeros = tuple(jnp.zeros(lay.dims(site), jnp.float32) for site in lay.sites
+                  if sum_products)
     return Sums(state, jnp.zeros((), jnp.float32), zeros, rule.add_begin(lay))
 
   def add_clients(sums: Sums, shared, done: ClientsDone):
@@ -237,12 +246,14 @@ def algorithm(lay: Layout, rule: Rule) -> Algorithm:
     weight = done.used(done.weight.astype(jnp.float32))
     lane_factors = _lane_factors(lay, final, done.frozen, weight.shape[0])
     total = tuple(p + weighted_product_sum(a, b, r, weight)
-                  for p, (a, b, r) in zip(sums.products, lane_factors))
+                  for p, (a, b, r) in zip(sums.products, lane_factors))  # () if not summed.
     extra = rule.add(lay, sums.extra, Lanes(final, weight, lane_factors, done))
     return Sums(rule.update(lay, sums.state, done), sums.weight + weight.sum(), total, extra)
 
   def finish_round(sums: Sums, mean_delta, end: RoundEnd):
     mean_delta, state, dense = rule.server(lay, sums, mean_delta, end)
+    if not measure_error:
+      return mean_delta, state, {}
     served = products(lay, jax.tree.map(jnp.add, end.trainable, mean_delta), end.frozen)
     if dense is not None:
       served = tuple(p + d for p, d in zip(served, dense))

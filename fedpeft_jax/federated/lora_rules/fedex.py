@@ -36,7 +36,7 @@ def traffic(lay, rank, round_index):
 
 
 LORA_RULES.register('fedex', base.LoraRuleSpec(
-    base.Rule(server=server, init=init,
+    base.Rule(server=server, init=init, uses_products=True,
               frozen=lambda lay, state, frozen: base.fold_all(lay, frozen, state)),
     exact=True, plain_server_step=True, folds=True, traffic=traffic,
     client_dp='the residual Σp_i·A_i·B_i − Ā·B̄ needs every client\'s product, not only '

@@ -56,7 +56,7 @@ def served(lay, state, trainable, frozen):
 
 
 LORA_RULES.register('flexlora', base.LoraRuleSpec(
-    base.Rule(server=server, init=init, served=served),
+    base.Rule(server=server, init=init, served=served, uses_products=True),
     exact=True, plain_server_step=True, folds=True,
     client_dp='the average of the products and its SVD need every client\'s product, not '
               'only the noised sum of their updates',

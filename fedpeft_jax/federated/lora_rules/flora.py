@@ -53,7 +53,7 @@ def traffic(lay, rank, round_index):
 
 
 LORA_RULES.register('flora', base.LoraRuleSpec(
-    base.Rule(server=server, init=init,
+    base.Rule(server=server, init=init, uses_products=True,
               frozen=lambda lay, state, frozen: base.fold_all(lay, frozen, state)),
     exact=True, plain_server_step=True, folds=True, traffic=traffic,
     client_dp='stacking releases every client\'s own factors, not a noised sum',
