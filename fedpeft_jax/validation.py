@@ -159,10 +159,11 @@ def validate(config, *, needs_weights: bool = True, needs_data: bool = True,
 
 def _validate_lora_rule(config, parts) -> None:
   """peft.lora_aggregation (a registered rule; lora_freeze_a is 'ffa') and
-  peft.lora_client_ranks, and what they need of the rest: LoRA in peft.method, FedAvg's
-  round (fedavg, fedprox) unless the rule's server step is FedAvg's own, the plain server
-  step for the rules that set factors, and a server step that is a noised sum under
-  client DP."""
+  peft.lora_client_ranks, HetLoRA's self-pruning (peft.lora_prune_strength >= 0, only with
+  'hetlora'; peft.lora_prune_decay in (0, 1)), and what they need of the rest: LoRA in
+  peft.method, FedAvg's round (fedavg, fedprox) unless the rule's server step is FedAvg's
+  own, the plain server step for the rules that set factors, and a server step that is a
+  noised sum under client DP."""
   p, fl = config.peft, config.fl
   _one_of(config, 'peft.lora_aggregation', lora_rules.LORA_RULES.names())
   _check(not p.lora_freeze_a or p.lora_aggregation in ('fedit', 'ffa'), 'peft.lora_freeze_a',
@@ -172,6 +173,16 @@ def _validate_lora_rule(config, parts) -> None:
          "must be a string: '' (every client at peft.lora_rank), a comma list such as "
          f"'2,4,8' or one of {', '.join(lora_rules.RANK_DISTRIBUTIONS)}")
   name = 'ffa' if p.lora_freeze_a else p.lora_aggregation
+  _check(isinstance(p.lora_prune_strength, (int, float)) and
+         math.isfinite(p.lora_prune_strength) and p.lora_prune_strength >= 0,
+         'peft.lora_prune_strength', p.lora_prune_strength,
+         "must be >= 0 and finite (0: HetLoRA's ranks stay fixed)")
+  _check(isinstance(p.lora_prune_decay, (int, float)) and 0 < p.lora_prune_decay < 1,
+         'peft.lora_prune_decay', p.lora_prune_decay,
+         'must be in (0, 1): a pruning client keeps max(1, floor(decay x rank)) ranks')
+  _check(not p.lora_prune_strength or name == 'hetlora', 'peft.lora_prune_strength',
+         p.lora_prune_strength, "is HetLoRA's rank self-pruning: it needs "
+         f"peft.lora_aggregation='hetlora' (not {name!r}), or set it to 0")
   hetero = bool(p.lora_client_ranks.strip())
   if name == 'fedit' and not hetero:
     return

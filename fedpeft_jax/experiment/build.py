@@ -27,6 +27,7 @@ from fedpeft_jax.federated import algorithms
 from fedpeft_jax.federated import chunking
 from fedpeft_jax.federated import client as client_lib
 from fedpeft_jax.federated import lora_rules
+from fedpeft_jax.federated.lora_rules import hetlora
 from fedpeft_jax.federated import round as round_lib
 from fedpeft_jax.federated import server_optimizers
 from fedpeft_jax.federated import types as fl_types
@@ -300,6 +301,18 @@ def lora_rule(config) -> str:
   return 'ffa' if config.peft.lora_freeze_a else config.peft.lora_aggregation
 
 
+def lora_rule_spec(config, lay: lora_rules.Layout) -> lora_rules.LoraRuleSpec:
+  """The registered spec of the run's rule (`lora_rule`), with HetLoRA's rank self-pruning
+  when peft.lora_prune_strength > 0 (validation allows it with 'hetlora' only)."""
+  name = lora_rule(config)
+  with validation.config_keys(config, rule='peft.lora_aggregation'):
+    spec = lora_rules.LORA_RULES.get(name)
+  if config.peft.lora_prune_strength:
+    spec = hetlora.self_pruning(spec, config.peft.lora_prune_strength,
+                                config.peft.lora_prune_decay, lay)
+  return spec
+
+
 def lora_layout(config, trainable, frozen) -> lora_rules.Layout | None:
   """The LoRA `Layout` the rule aggregates on (scale alpha / rank, each client's rank from
   `peft.lora_client_ranks`), when `peft.method` has LoRA and `fl.algorithm` is one a rule
@@ -320,9 +333,8 @@ def build_federated_algorithm(config, lora: lora_rules.Layout | None = None
   `peft.lora_aggregation` on FedAvg's round; with FedProx's proximal term when fl.prox_mu
   > 0."""
   if lora is not None:
-    name = lora_rule(config)
+    name, spec = lora_rule(config), lora_rule_spec(config, lora)
     with validation.config_keys(config, rule='peft.lora_aggregation'):
-      spec = lora_rules.LORA_RULES.get(name)
       lora_rules.check_layout(name, spec, lora)
     algorithm = lora_rules.algorithm(lora, spec.rule,
                                      measure_error=config.peft.lora_aggregation_error)
@@ -411,8 +423,8 @@ class Experiment:
   # changes the frozen weights (`FederatedRound.serve`; a LoRA rule that merges); None:
   # (state.trainable, the frozen tree as built).
   served: Callable | None = None
-  # (client ids, round) -> (bytes down, bytes up) per client, when they differ by client
-  # (a LoRA rule: each client's rank); None: the trainable tree each way.
+  # (client ids, round, state after it) -> (bytes down, bytes up) per client, when they
+  # differ by client (a LoRA rule: each client's rank); None: the trainable tree each way.
   client_bytes: Callable | None = None
   # state -> {kernel path 'a/b/kernel': float32 numpy delta}: what the served model adds to
   # the adapted kernels beyond trainable.npz, when a LoRA rule merges updates into them
@@ -516,14 +528,17 @@ def _lora_parts(config, lora: lora_rules.Layout, algorithm, state, frozen, parti
   kept = sum(x.nbytes for x in jax.tree.leaves(state.algorithm_state))
   ranks = ('' if lora.ranks is None else
            f', client ranks {sorted(set(lora.ranks.tolist()))} (peft.lora_client_ranks)')
-  console.say(f'peft.lora_aggregation={name}: {len(lora.sites)} adapted maps{ranks}'
+  pruning = ('' if not config.peft.lora_prune_strength else
+             f', rank self-pruning (peft.lora_prune_strength {config.peft.lora_prune_strength}'
+             f', peft.lora_prune_decay {config.peft.lora_prune_decay})')
+  console.say(f'peft.lora_aggregation={name}: {len(lora.sites)} adapted maps{ranks}{pruning}'
               + (f'; the server keeps {kept / 2**20:,.1f} MiB' if kept else ''))
   served, merged = None, None
   if algorithm.serve is not None:
     shardings = jax.tree.map(lambda x: x.sharding, (state.trainable, frozen))
     serve = jax.jit(algorithm.serve, out_shardings=shardings)
     served = lambda s: serve(s, frozen)
-  spec = lora_rules.LORA_RULES.get(name)
+  spec = lora_rule_spec(config, lora)
   if spec.folds and algorithm.serve is not None:
     # Whole on every device (as the trainable tree is), so every process can read it.
     replicated = jax.tree.leaves(state.trainable)[0].sharding

@@ -55,9 +55,10 @@ class Traffic(loop.Stateful):
 
   `trees_per_transfer`: trainable-sized trees in each direction; SCAFFOLD sends 2
   (the model and the server's control variate down, the update and the change of
-  the client's variate up). `client_bytes(ids, round) -> (down, up)`: each client's own
-  bytes instead, where they differ by client (a LoRA rule: each client's rank, and what
-  the rule sends, `build.Experiment.client_bytes`).
+  the client's variate up). `client_bytes(ids, round, state) -> (down, up)`: each client's
+  own bytes instead, where they differ by client (a LoRA rule: each client's rank, and what
+  the rule sends, `build.Experiment.client_bytes`; `state` after the round, where HetLoRA's
+  self-pruning keeps the ranks).
   """
   name = 'traffic'
 
@@ -73,8 +74,9 @@ class Traffic(loop.Stateful):
     up = self.bytes_per_transfer * int(np.sum(metrics.reported))
     if self.client_bytes is not None:
       clients, reported = np.asarray(metrics.clients), np.asarray(metrics.reported)
-      down = int(self.client_bytes(clients[clients >= 0], round_index)[0].sum())
-      up = int(self.client_bytes(clients[reported & (clients >= 0)], round_index)[1].sum())
+      down = int(self.client_bytes(clients[clients >= 0], round_index, state)[0].sum())
+      up = int(self.client_bytes(clients[reported & (clients >= 0)], round_index,
+                                 state)[1].sum())
     self.bytes_cumulative += up + down
     return {'bytes_up': up, 'bytes_down': down, 'bytes_cumulative': self.bytes_cumulative}
 
@@ -331,6 +333,7 @@ TENSORBOARD_TAGS = {
     'epsilon': ('privacy/epsilon', 1),
     'clipped_fraction': ('privacy/clipped_fraction', 1),
     'lora_aggregation_error': ('lora/aggregation_error', 1),
+    'lora_mean_rank': ('lora/mean_rank', 1),  # HetLoRA's self-pruning.
     'round_s': ('time/seconds_per_round', 1),
 }
 

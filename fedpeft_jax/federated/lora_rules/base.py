@@ -10,7 +10,9 @@ normalised. Every rule's round:
 - clients start from the rule's factors (`Rule.start`; default the global ones), cut to
   their rank (`Layout.ranks`: factors are held at the largest rank, a client of rank r
   trains its first r columns of A and rows of B, its gradients masked there too), so
-  clients of every rank train in the one vmapped round;
+  clients of every rank train in the one vmapped round; a rule whose clients shrink their
+  rank (HetLoRA's self-pruning) keeps the ranks in its state instead (`Rule.ranks`), and
+  says what each client sends after local training (`Rule.send`);
 - `add_clients` sums w_i·A_i @ B_i over the used clients into one float32 [in, out] per
   adapted map (w_i the aggregator's weights, never a client at a time in memory: chunks
   and packed lanes add theirs as they finish), with the rule's own sums (`Rule.add`);
@@ -39,6 +41,7 @@ from fedpeft_jax.peft import lora
 
 PyTree = Any
 ERROR_KEY = 'lora_aggregation_error'  # The RoundMetrics.algorithm key of the error.
+RANK_KEY = 'lora_mean_rank'  # Its key of the clients' mean rank, when they change it.
 
 
 class Layout(NamedTuple):
@@ -185,6 +188,18 @@ class Rule(NamedTuple):
   served(layout, state, trainable, frozen) -> (trainable, frozen) as evaluated.
   uses_products: `server` reads the clients' products' sum (`Sums.products`, `ideal`), so
     it is summed even when the aggregation error is not measured.
+
+  For a rule whose clients change their rank during the run (HetLoRA's self-pruning):
+  ranks(state) -> int32 [num_clients]: each client's rank, read from the rule's state
+    (instead of `Layout.ranks`); clients train at it (masked as for mixed ranks, compiled
+    once whatever the ranks), and the round reports its mean as 'lora_mean_rank'.
+  begin(layout, state) -> state: the state at the start of a round's sums.
+  gradient(layout, grads, params, rank) -> grads: the rule's own term added to every local
+    step's gradients of a client of `rank` (before the rank mask).
+  send(layout, state, ClientsDone, starts, finals, ranks) -> (finals, state): what the
+    clients send after local training, from their starts, their trained trees and their
+    ranks ([lanes, ...] each), and the state recording it; the sums and `add` see the
+    factors sent.
   """
   server: Callable[..., tuple]
   init: Callable[..., PyTree] = lambda lay, trainable, num_clients: ()
@@ -196,6 +211,10 @@ class Rule(NamedTuple):
   frozen: Optional[Callable[..., PyTree]] = None
   served: Optional[Callable[..., tuple]] = None
   uses_products: bool = False
+  ranks: Optional[Callable[[PyTree], jax.Array]] = None
+  begin: Callable[..., PyTree] = lambda lay, state: state
+  gradient: Optional[Callable[..., PyTree]] = None
+  send: Optional[Callable[..., tuple]] = None
 
 
 def _lane_factors(lay: Layout, final, frozen, lanes: int) -> tuple:
@@ -214,13 +233,17 @@ def algorithm(lay: Layout, rule: Rule, measure_error: bool = True) -> Algorithm:
   `measure_error=False` skips the aggregation error: a rule that does not read the
   products' sum (`Rule.uses_products`) then keeps no dense float32 [in, out] per adapted
   map (about 4 GiB for Llama-2-7B's q and v), and the round reports no error."""
-  hetero = lay.heterogeneous
+  varying = rule.ranks is not None  # The ranks are the rule's state, not the layout's.
+  hetero = lay.heterogeneous or varying
   sum_products = measure_error or rule.uses_products
-  ranks = jnp.asarray(lay.ranks) if hetero else None
+  ranks = jnp.asarray(lay.ranks) if lay.heterogeneous else None
   personal = hetero or rule.start is not None
 
   def client_input(state, shared, client):
-    rank = ranks[client] if hetero else jnp.int32(lay.rank)
+    if varying:
+      rank = rule.ranks(state)[client]
+    else:
+      rank = ranks[client] if hetero else jnp.int32(lay.rank)
     part = None if rule.client_part is None else rule.client_part(lay, state, client)
     return rank, part
 
@@ -233,13 +256,18 @@ def algorithm(lay: Layout, rule: Rule, measure_error: bool = True) -> Algorithm:
   def begin(state):
     zeros = tuple(jnp.zeros(lay.dims(site), jnp.float32) for site in lay.sites
                   if sum_products)
-    return Sums(state, jnp.zeros((), jnp.float32), zeros, rule.add_begin(lay))
+    return Sums(rule.begin(lay, state), jnp.zeros((), jnp.float32), zeros,
+                rule.add_begin(lay))
 
   def add_clients(sums: Sums, shared, done: ClientsDone):
+    state = sums.state
     if personal:
       starts = jax.vmap(lambda c: start(done.trainable, client_input(shared, shared, c)))(
           done.ids)
       final = jax.tree.map(jnp.add, starts, done.delta)
+      if rule.send is not None:
+        lane_ranks = jax.vmap(lambda c: client_input(shared, shared, c)[0])(done.ids)
+        final, state = rule.send(lay, state, done, starts, final, lane_ranks)
     else:
       final = jax.tree.map(lambda w, d: w + d, done.trainable, done.delta)
     final = jax.tree.map(done.used, final)
@@ -248,25 +276,30 @@ def algorithm(lay: Layout, rule: Rule, measure_error: bool = True) -> Algorithm:
     total = tuple(p + weighted_product_sum(a, b, r, weight)
                   for p, (a, b, r) in zip(sums.products, lane_factors))  # () if not summed.
     extra = rule.add(lay, sums.extra, Lanes(final, weight, lane_factors, done))
-    return Sums(rule.update(lay, sums.state, done), sums.weight + weight.sum(), total, extra)
+    return Sums(rule.update(lay, state, done), sums.weight + weight.sum(), total, extra)
 
   def finish_round(sums: Sums, mean_delta, end: RoundEnd):
     mean_delta, state, dense = rule.server(lay, sums, mean_delta, end)
+    metrics = ({} if not varying else
+               {RANK_KEY: jnp.mean(rule.ranks(state).astype(jnp.float32))})
     if not measure_error:
-      return mean_delta, state, {}
+      return mean_delta, state, metrics
     served = products(lay, jax.tree.map(jnp.add, end.trainable, mean_delta), end.frozen)
     if dense is not None:
       served = tuple(p + d for p, d in zip(served, dense))
     error = aggregation_error(sums.products, sums.weight, served)
-    return mean_delta, state, {ERROR_KEY: error}
+    return mean_delta, state, {ERROR_KEY: error, **metrics}
+
+  def gradient(grads, params, global_params, inputs):
+    if rule.gradient is not None:
+      grads = rule.gradient(lay, grads, params, inputs[0])
+    return mask_to_rank(lay, grads, inputs[0])
 
   return Algorithm(
       init=lambda trainable, num_clients: rule.init(lay, trainable, num_clients),
       round_input=lambda state: state,
       client_input=client_input if personal else (lambda state, shared, client: None),
-      gradient=((lambda grads, params, global_params, inputs:
-                 mask_to_rank(lay, grads, inputs[0])) if hetero else
-                Algorithm().gradient),
+      gradient=gradient if hetero else Algorithm().gradient,
       begin=begin, add_clients=add_clients, finish_round=finish_round,
       start=start if personal else None,
       frozen=(identity_frozen if rule.frozen is None else
@@ -321,7 +354,10 @@ class LoraRuleSpec(NamedTuple):
   (SCAFFOLD, FedNova) that algorithm runs as it is, without the aggregation error; the
   others need FedAvg's round (`BASE_ALGORITHMS`). traffic(layout, rank, round) ->
   (floats down, floats up) of LoRA a client of `rank` exchanges in round `round` (1-based),
-  besides the other trainable parameters.
+  besides the other trainable parameters. round_ranks(rule state after a round) -> (down,
+  up), int [num_clients] each: for a rule whose clients change their rank, each client's
+  rank at the round's start (what it downloads) and after it (what it sent); None: the
+  layout's ranks both ways.
   """
   rule: Rule
   summary: str
@@ -331,6 +367,7 @@ class LoraRuleSpec(NamedTuple):
   folds: bool = False
   any_algorithm: bool = False
   traffic: Callable[[Layout, int, int], tuple[int, int]] = factors_both_ways
+  round_ranks: Optional[Callable[[PyTree], tuple]] = None
 
 
 # The fl.algorithm values a rule's round is built on: FedAvg, and FedAvg with FedProx's
@@ -340,9 +377,12 @@ BASE_ALGORITHMS = ('fedavg', 'fedprox')
 
 def client_bytes(spec: LoraRuleSpec, lay: Layout, other_floats: int, num_clients: int,
                  bytes_per_float: int = 4) -> Callable:
-  """`bytes(ids, round) -> (down, up)`, int64 [len(ids)] each: what each client of `ids`
-  (int array) exchanges in round `round` (1-based) under `spec`: its rank's LoRA
-  (`LoraRuleSpec.traffic`) and the `other_floats` other trainable numbers, each way."""
+  """`bytes(ids, round, state) -> (down, up)`, int64 [len(ids)] each: what each client of
+  `ids` (int array) exchanges in round `round` (1-based) under `spec`: its rank's LoRA
+  (`LoraRuleSpec.traffic`) and the `other_floats` other trainable numbers, each way.
+  `state`: the server state after that round, read when the rule's clients change their
+  rank (`LoraRuleSpec.round_ranks`: down at the round's start rank, up at the rank after);
+  otherwise ignored (may be None). Raises ValueError if such a rule gets no state."""
   ranks = lay.ranks if lay.ranks is not None else np.full(num_clients, lay.rank, np.int32)
   cache = {}
 
@@ -354,10 +394,16 @@ def client_bytes(spec: LoraRuleSpec, lay: Layout, other_floats: int, num_clients
                     (up + other_floats) * bytes_per_float)
     return cache[key]
 
-  def sizes(ids, round_index: int):
-    pairs = [per_rank(int(ranks[i]), round_index) for i in np.asarray(ids)]
-    return (np.asarray([d for d, _ in pairs], np.int64).reshape(-1),
-            np.asarray([u for _, u in pairs], np.int64).reshape(-1))
+  def sizes(ids, round_index: int, state=None):
+    down_ranks = up_ranks = ranks
+    if spec.round_ranks is not None:
+      if state is None:
+        raise ValueError('this rule\'s clients change their rank: pass the state after the '
+                         'round')
+      down_ranks, up_ranks = (np.asarray(r) for r in spec.round_ranks(state.algorithm_state))
+    ids = np.asarray(ids).reshape(-1)
+    return (np.asarray([per_rank(int(down_ranks[i]), round_index)[0] for i in ids], np.int64),
+            np.asarray([per_rank(int(up_ranks[i]), round_index)[1] for i in ids], np.int64))
 
   return sizes
 
