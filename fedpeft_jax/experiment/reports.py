@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 from flax import traverse_util
-from matplotlib import figure
 
 from fedpeft_jax import peft
 from fedpeft_jax import validation
@@ -122,6 +121,7 @@ def plot_masks(report: dict, path: str) -> None:
   Counts span ~1000x (full vs PEFT), so they need a log axis, on which stacked segments
   would be distorted: the groups are stacked as shares on a linear axis of their own.
   """
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
   methods = _methods(report)
   totals = [report[m]['trainable'] for m in methods]
   fig = figure.Figure(figsize=(10, 1 + 0.4 * len(methods)), layout='constrained')

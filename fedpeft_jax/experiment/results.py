@@ -33,11 +33,8 @@ import os
 import statistics
 from typing import Any
 
-import matplotlib
 import ml_collections
 import numpy as np
-from matplotlib import figure
-from matplotlib import ticker
 
 from fedpeft_jax import configs
 from fedpeft_jax import errors
@@ -373,6 +370,7 @@ def curve(runs: list[Run], x_key: str):
 
 def _colors(groups) -> list:
   """A color a group, the same in every figure."""
+  import matplotlib  # pylint: disable=g-import-not-at-top (imported when drawing: 0.8 s)
   if len(groups) <= 10:
     return [f'C{i}' for i in range(len(groups))]
   return list(matplotlib.colormaps['turbo'](np.linspace(0, 1, len(groups))))
@@ -385,6 +383,7 @@ def _measure(groups: dict[str, list[Run]]) -> Measure:
 def _figure(xlabel: str, title: str, measure: Measure = ACCURACY):
   """Accuracy in percent; perplexity on a log axis (it spans decades from the initial
   model)."""
+  from matplotlib import figure, ticker  # pylint: disable=g-import-not-at-top
   fig = figure.Figure(figsize=(10, 5), layout='constrained')
   ax = fig.subplots()
   ax.set_xlabel(xlabel)
@@ -424,6 +423,7 @@ def _save(fig, path: str) -> str:
 
 def plot_vs_round(groups: dict[str, list[Run]], path: str) -> str:
   """The groups' measure (accuracy, or perplexity for text runs) by round."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, ax = _figure('round', ' by round', _measure(groups))
   ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   for (label, runs), color in zip(groups.items(), _colors(groups)):
@@ -478,6 +478,7 @@ def plot_aggregation_error_vs_round(groups: dict[str, list[Run]], path: str) -> 
   """The LoRA rules' aggregation error by round (rounds 1 on; groups without it are left
   out, keeping their colour in the other figures): mean and ±std band over the seeds that
   have it, on the rounds every such seed has, on a symlog axis (`AGGREGATION_LINTHRESH`)."""
+  from matplotlib import figure, ticker  # pylint: disable=g-import-not-at-top
   fig = figure.Figure(figsize=(10, 5), layout='constrained')
   ax = fig.subplots()
   ax.set_xlabel('round')
@@ -511,6 +512,7 @@ plot_accuracy_vs_epsilon = plot_vs_epsilon
 def plot_partitions(runs: list[Run], path: str) -> str:
   """A row per distinct partition (runs of other methods on the same seed share one): each
   client's examples as a bar stacked by class, and its class mix as fractions."""
+  from matplotlib import figure, ticker  # pylint: disable=g-import-not-at-top
   partitions: dict[str, list[Run]] = {}
   for run in runs:
     partitions.setdefault(json.dumps(run.partition, sort_keys=True), []).append(run)

@@ -35,19 +35,15 @@ import itertools
 import math
 from typing import Sequence
 
-import dp_accounting
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import optimize  # A dependency of dp-accounting's own calibration.
 
 from fedpeft_jax import errors
 from fedpeft_jax.privacy import mechanisms
 
-NeighborRel = dp_accounting.NeighboringRelation
-RELATIONS = {'add_or_remove_one': NeighborRel.ADD_OR_REMOVE_ONE,
-             'replace_one': NeighborRel.REPLACE_ONE}
+# dp-accounting (and scipy, a dependency of its own calibration) is imported where it is
+# used: it pulls in scipy.signal, about 1.5 s at every launch, DP or not.
+# Relation name -> dp_accounting.NeighboringRelation member.
+RELATIONS = {'add_or_remove_one': 'ADD_OR_REMOVE_ONE', 'replace_one': 'REPLACE_ONE'}
 RDP_ORDERS = tuple(np.concatenate([np.linspace(1.01, 8, 100), np.arange(8.5, 64, 0.5),
                                    np.arange(64, 1025, 16)]))
 ACCOUNTANTS = ('auto', 'rdp', 'pld')
@@ -106,9 +102,13 @@ def accountant_name(spec: PrivacySpec) -> str:
 
 
 def _make_accountant(name: str, relation: str):
+  import dp_accounting  # pylint: disable=g-import-not-at-top (see the imports)
+  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=g-import-not-at-top
+  from dp_accounting.rdp import rdp_privacy_accountant  # pylint: disable=g-import-not-at-top
+  neighbours = getattr(dp_accounting.NeighboringRelation, RELATIONS[relation])
   if name == 'pld':
-    return pld_privacy_accountant.PLDAccountant(RELATIONS[relation])
-  return rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS), RELATIONS[relation])
+    return pld_privacy_accountant.PLDAccountant(neighbours)
+  return rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS), neighbours)
 
 
 def _check_delta(delta: float, mode: str, population: int, at_least: bool = False) -> None:
@@ -182,7 +182,13 @@ def _composed_multiplier(releases: Sequence[dict]) -> float:
   return smallest / math.sqrt(sum((smallest / r) ** 2 for r in ratios))
 
 
+def _self_composed(event, count: int):
+  from dp_accounting import dp_event  # pylint: disable=g-import-not-at-top (see the imports)
+  return dp_event.SelfComposedDpEvent(event, count)
+
+
 def _step_event(record: dict, group: dict, z: float):
+  from dp_accounting import dp_event  # pylint: disable=g-import-not-at-top (see the imports)
   gaussian = dp_event.GaussianDpEvent(z)
   if record['sampling'] == 'poisson':
     return dp_event.PoissonSampledDpEvent(group['sampling_rate'], gaussian)
@@ -215,7 +221,7 @@ def ledger_epsilon(ledger: Sequence[dict], delta: float, accountant: str = 'auto
       return math.inf
     for group in record['groups']:
       events.setdefault(group['population'], []).append(
-          dp_event.SelfComposedDpEvent(_step_event(record, group, z), group['steps'] * rounds))
+          _self_composed(_step_event(record, group, z), group['steps'] * rounds))
   worst = 0.0
   for group_events in events.values():
     group_accountant = _make_accountant(name, relation)
@@ -271,6 +277,7 @@ def calibrate_remaining(ledger: Sequence[dict], spec: PrivacySpec, target_epsilo
     if lower == low:
       return MIN_NOISE_MULTIPLIER
     lower, upper = max(lower - math.log(2), low), lower
+  from scipy import optimize  # pylint: disable=g-import-not-at-top (see the imports)
   log_z = optimize.brentq(gap, lower, upper, xtol=1e-4)
   while gap(log_z) > 0:  # Brent stops within its tolerance on either side.
     log_z += 1e-4
