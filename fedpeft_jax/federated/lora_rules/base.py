@@ -262,12 +262,11 @@ def algorithm(lay: Layout, rule: Rule, measure_error: bool = True) -> Algorithm:
   def add_clients(sums: Sums, shared, done: ClientsDone):
     state = sums.state
     if personal:
-      starts = jax.vmap(lambda c: start(done.trainable, client_input(shared, shared, c)))(
-          done.ids)
+      inputs = jax.vmap(lambda c: client_input(shared, shared, c))(done.ids)
+      starts = jax.vmap(lambda i: start(done.trainable, i))(inputs)
       final = jax.tree.map(jnp.add, starts, done.delta)
-      if rule.send is not None:
-        lane_ranks = jax.vmap(lambda c: client_input(shared, shared, c)[0])(done.ids)
-        final, state = rule.send(lay, state, done, starts, final, lane_ranks)
+      if rule.send is not None:  # inputs[0]: each lane's rank.
+        final, state = rule.send(lay, state, done, starts, final, inputs[0])
     else:
       final = jax.tree.map(lambda w, d: w + d, done.trainable, done.delta)
     final = jax.tree.map(done.used, final)
